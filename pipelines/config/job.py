@@ -1,0 +1,147 @@
+"""Job specs: `conf/jobs/<name>.yaml`, the one description of a batch job."""
+
+from __future__ import annotations
+
+import string
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.schema import RESERVED_NAMES
+from pipelines.storage import StorageOptions
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{column}` placeholders of a prompt template, in order, once each."""
+    names: list[str] = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if not field.isidentifier():
+            raise ValueError(
+                f"placeholder {{{field}}} must name one input column (use {{{{ and }}}} for literal braces)"
+            )
+        if field not in names:
+            names.append(field)
+    return names
+
+
+class InputSpec(BaseModel):
+    """Where the records come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., description="A Parquet file or folder of shards: local path, `s3://` or `gs://`.")
+    format: Literal["parquet"] = Field("parquet", description="Input format.")
+    id_column: str = Field(..., description="Column that identifies each record; copied to the output.")
+    columns: list[str] | None = Field(
+        None, description="Columns to read; default: the id, the template's placeholders and the passthrough columns."
+    )
+
+
+class PromptSpec(BaseModel):
+    """The chat messages each record becomes; `{column}` placeholders take the record's values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system: str | None = Field(None, description="System message (may hold placeholders too).")
+    user: str = Field(..., description="User message template with `{column}` placeholders.")
+
+    @field_validator("system", "user")
+    @classmethod
+    def _placeholders_are_columns(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)
+        return value
+
+    @property
+    def columns(self) -> list[str]:
+        names = template_fields(self.system or "")
+        return names + [n for n in template_fields(self.user) if n not in names]
+
+
+class SamplingSpec(BaseModel):
+    """Sampling parameters, as vLLM's `SamplingParams` names them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(256, ge=1, description="Most tokens generated per record.")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    seed: int | None = Field(None, description="Per-request seed, for reproducible sampling at temperature > 0.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = Field(False, description="Generate max_tokens whatever the model says (benchmarks).")
+
+
+class OutputSpec(BaseModel):
+    """Where results go: `<path>/<run_id>/results/*.parquet` and `<path>/<run_id>/summary.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., description="Output folder: local path, `s3://` or `gs://`.")
+    passthrough: list[str] = Field(default_factory=list, description="Input columns copied to the results.")
+    include_token_ids: bool = Field(
+        False, description="Also write `prompt_token_ids` and `output_token_ids` (audits, debugging)."
+    )
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+    @field_validator("passthrough")
+    @classmethod
+    def _no_clash_with_results(cls, value: list[str]) -> list[str]:
+        clash = sorted(set(value) & RESERVED_NAMES)
+        if clash:
+            raise ValueError(f"{clash} would overwrite result columns of the same name")
+        return value
+
+
+class ActorPoolSpec(BaseModel):
+    """How many engine replicas run; Ray scales between min and max."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorPoolSpec":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
+class JobSpec(BaseModel):
+    """A whole job: `conf/jobs/<name>.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Job name; part of every run id.")
+    description: str = ""
+    engine: str = Field(..., description="Engine profile name, found as `conf/engines/<engine>.yaml`.")
+    input: InputSpec
+    prompt: PromptSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    output: OutputSpec
+    actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
+    batch_size: int = Field(64, ge=1, description="Records per batch sent to an engine replica.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store access.")
+
+    @property
+    def read_columns(self) -> list[str]:
+        """Every input column the job needs, the id first."""
+        wanted = self.input.columns or [*self.prompt.columns, *self.output.passthrough]
+        return [self.input.id_column, *[c for c in dict.fromkeys(wanted) if c != self.input.id_column]]
+
+    @model_validator(mode="after")
+    def _columns_are_read(self) -> "JobSpec":
+        if self.input.id_column in RESERVED_NAMES:
+            raise ValueError(f"input.id_column {self.input.id_column!r} clashes with a result column of that name")
+        if self.input.columns is not None:
+            missing = [c for c in [*self.prompt.columns, *self.output.passthrough] if c not in self.input.columns]
+            if missing:
+                raise ValueError(f"input.columns lacks {missing}, which the prompt or output.passthrough use")
+        return self

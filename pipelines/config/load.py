@@ -1,0 +1,127 @@
+"""Reading YAML into typed specs: `--set` overrides, then validation.
+
+Every failure is a `ConfigError` whose message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipelines.config.engine import EngineProfile
+from pipelines.config.job import JobSpec
+from pipelines.config.prices import ModelPrice, PriceBook
+from pipelines.errors import ConfigError
+from pipelines.paths import conf_dir_for
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated job spec with the engine profile and price it names."""
+
+    spec: JobSpec
+    engine: EngineProfile
+    price: ModelPrice
+    spec_path: Path
+    conf_dir: Path
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, found {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: Path) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {key}: {source}: {where} is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def validate(model: type[M], data: dict[str, Any], source: Path) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid {model.__name__}:\n" + format_errors(exc)) from None
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def load_engine(name: str, conf_dir: Path) -> EngineProfile:
+    """The engine profile `name` (a name in `conf_dir/engines/`, or a path to a YAML file)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else conf_dir / "engines" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (conf_dir / "engines").glob("*.yaml"))
+        raise ConfigError(f"engine profile {name!r} not found at {path}; known profiles: {', '.join(known) or 'none'}")
+    profile = validate(EngineProfile, read_yaml(path, "engine profile"), path)
+    if path.parent == conf_dir / "engines" and profile.name != path.stem:
+        raise ConfigError(f"{path}: name: is {profile.name!r} but the file is named {path.stem!r}")
+    return profile
+
+
+def load_price_book(conf_dir: Path) -> PriceBook:
+    path = conf_dir / "prices.yaml"
+    return validate(PriceBook, read_yaml(path, "price book"), path)
+
+
+def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -> Job:
+    """Read, override and validate a job spec and everything it names.
+
+    Args:
+        path: The job spec, e.g. `conf/jobs/ticket_triage.yaml`.
+        overrides: `key.path=value` strings applied before validation
+            (see `pipelines.config.job.JobSpec` for the keys).
+        conf_dir: Folder holding `engines/` and `prices.yaml`; see
+            `pipelines.paths.conf_dir_for` for the default.
+    """
+    path = Path(path)
+    data = apply_overrides(read_yaml(path, "job spec"), overrides, path)
+    spec = validate(JobSpec, data, path)
+    conf = conf_dir_for(path, Path(conf_dir) if conf_dir else None)
+    engine = load_engine(spec.engine, conf)
+    book = load_price_book(conf)
+    price = book.models.get(engine.display_model)
+    if price is None:
+        raise ConfigError(
+            f"{conf / 'prices.yaml'}: models: no price for {engine.display_model!r} "
+            f"(engine profile {engine.name!r}); known: {', '.join(sorted(book.models))}"
+        )
+    return Job(spec=spec, engine=engine, price=price, spec_path=path, conf_dir=conf)

@@ -1,0 +1,35 @@
+"""Errors a user can act on, one type per kind.
+
+The CLI prints the message of a `TokenmillError` and exits non-zero, with no
+traceback: every message must say which file, key, column or row is wrong.
+"""
+
+
+class TokenmillError(Exception):
+    """Base of every error the CLI reports as a message rather than a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(TokenmillError):
+    """A job spec, engine profile or price book is invalid (names the file and key)."""
+
+    exit_code = 2
+
+
+class InputError(TokenmillError):
+    """Input data cannot be used as the spec says (names the file and column)."""
+
+    exit_code = 3
+
+
+class ModelError(TokenmillError):
+    """The model cannot be prepared or found."""
+
+    exit_code = 4
+
+
+class EngineError(TokenmillError):
+    """The inference engine failed as a whole (not one record)."""
+
+    exit_code = 5

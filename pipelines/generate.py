@@ -1,0 +1,150 @@
+"""Generate: one Ray actor per engine replica, each holding one `vllm.LLM`.
+
+This is the only module that imports vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.config.engine import EngineProfile
+from pipelines.config.job import SamplingSpec
+from pipelines.errors import ConfigError
+from pipelines.models import resolve_model
+from pipelines.observe import stats_handle
+from pipelines.paths import tokenmill_home
+
+log = logging.getLogger(__name__)
+
+
+def check_engine_args(profile: EngineProfile, source: str) -> None:
+    """Refuse `engine_args.extra_args` keys that vLLM's `EngineArgs` does not have."""
+    if not profile.engine_args.extra_args:
+        return
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(profile.engine_args.extra_args) - known)
+    if unknown:
+        raise ConfigError(f"{source}: engine_args.extra_args: unknown vLLM engine argument(s) {unknown}")
+
+
+def actor_env(profile: EngineProfile) -> dict[str, str]:
+    """Environment variables the engine actors start with.
+
+    On CPU: a KV-cache size vLLM accepts on small machines, the Intel OpenMP
+    runtime preloaded (with it the engine uses every core; without, one idles),
+    and vLLM's compile cache inside tokenmill's cache folder.
+    """
+    env = {"VLLM_CACHE_ROOT": str(tokenmill_home() / "vllm"), "TOKENIZERS_PARALLELISM": "false"}
+    if profile.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = "2"
+        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+        if iomp.is_file():
+            env["LD_PRELOAD"] = str(iomp)
+    env.update(profile.env)
+    return env
+
+
+def _bind_cpu_threads() -> None:
+    # Ray caps OMP_NUM_THREADS at the actor's num_cpus; the engine should use
+    # every core this process may run on, bound one thread to each.
+    cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+
+
+def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str):
+    """A `vllm.LLM` for the profile (in the calling process)."""
+    if profile.device == "cpu":
+        _bind_cpu_threads()
+    from vllm import LLM
+
+    return LLM(model=model_path, tokenizer=tokenizer_path, **profile.engine_args.to_vllm_kwargs())
+
+
+def sampling_params(spec: SamplingSpec):
+    from vllm import SamplingParams
+
+    return SamplingParams(**spec.model_dump(exclude_none=True), detokenize=True)
+
+
+def generate_ids(llm, prompt_token_ids: list[list[int]], params) -> list[Any]:
+    """Run the engine on token-id prompts; one `RequestOutput` per prompt, in order."""
+    from vllm.inputs import TokensPrompt
+
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False)
+    if len(outputs) != len(prompt_token_ids):
+        raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompt_token_ids)} prompts")
+    return outputs
+
+
+class VLLMGenerator:
+    """A Ray Data callable class: one engine replica.
+
+    Rows that already carry an `error` are not sent to the engine. Adds
+    `output_text`, `finish_reason`, `completion_tokens`, `cached_prompt_tokens`
+    and `output_token_ids`; one row out per row in.
+    """
+
+    def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], stats_actor: str | None = None):
+        self.profile = EngineProfile.model_validate(profile)
+        model_path = resolve_model(self.profile.model)
+        tokenizer_path = resolve_model(self.profile.tokenizer) if self.profile.tokenizer else model_path
+        started = time.perf_counter()
+        self.llm = make_llm(self.profile, model_path, tokenizer_path)
+        self.engine_start_s = time.perf_counter() - started
+        self.params = sampling_params(SamplingSpec.model_validate(sampling))
+        self.stats = stats_handle(stats_actor)
+        if self.stats is not None:
+            self.stats.engine_started.remote(self.engine_start_s)
+        log.info("engine %s ready in %.1f s", self.profile.name, self.engine_start_s)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch.column("error").to_pylist()
+        todo = [i for i, e in enumerate(errors) if e is None]
+        n = batch.num_rows
+        text: list[str | None] = [None] * n
+        finish: list[str | None] = [None] * n
+        completion: list[int | None] = [None] * n
+        cached: list[int | None] = [None] * n
+        out_ids: list[list[int] | None] = [None] * n
+
+        started = time.time()
+        if todo:
+            prompts = batch.column("prompt_token_ids").take(todo).to_pylist()
+            try:
+                outputs = generate_ids(self.llm, prompts, self.params)
+            except Exception as exc:  # noqa: BLE001 - the batch's rows carry the error, none is lost
+                log.exception("engine failed on a batch of %d", len(todo))
+                for i in todo:
+                    errors[i] = f"engine: {type(exc).__name__}: {exc}"
+            else:
+                for i, out in zip(todo, outputs):
+                    completion_output = out.outputs[0]
+                    text[i] = completion_output.text
+                    finish[i] = completion_output.finish_reason
+                    out_ids[i] = list(completion_output.token_ids)
+                    completion[i] = len(completion_output.token_ids)
+                    cached[i] = out.num_cached_tokens
+        ended = time.time()
+        if self.stats is not None and todo:
+            self.stats.batch_done.remote(started, ended, len(todo), sum(c or 0 for c in completion))
+
+        result = batch.drop_columns(["error"])
+        result = result.append_column("output_text", pa.array(text, pa.string()))
+        result = result.append_column("finish_reason", pa.array(finish, pa.string()))
+        result = result.append_column("completion_tokens", pa.array(completion, pa.int64()))
+        result = result.append_column("cached_prompt_tokens", pa.array(cached, pa.int64()))
+        result = result.append_column("output_token_ids", pa.array(out_ids, pa.list_(pa.int32())))
+        result = result.append_column("error", pa.array(errors, pa.string()))
+        assert result.num_rows == n, "VLLMGenerator must map each row to exactly one row"
+        return result

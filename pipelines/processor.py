@@ -1,0 +1,84 @@
+"""The pipeline, composed in one place: read -> prompt -> generate -> parse -> account -> write.
+
+Building it only chains lazy Ray Data steps; nothing runs until the dataset is
+written, and the driver never holds the rows.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipelines.account import account_batch
+from pipelines.config.load import Job
+from pipelines.generate import VLLMGenerator, actor_env
+from pipelines.parse import parse_batch
+from pipelines.prompt import render_batch
+from pipelines.read import InputPlan, read_dataset
+from pipelines.write import result_schema, select_batch
+
+
+def postprocess_batch(batch: pa.Table, *, price: dict, model: str, run_id: str, schema: pa.Schema) -> pa.Table:
+    """parse -> account -> select, fused into one task per batch."""
+    return select_batch(account_batch(parse_batch(batch), price=price, model=model, run_id=run_id), schema=schema)
+
+
+def output_schema(job: Job, plan: InputPlan) -> pa.Schema:
+    return result_schema(
+        plan.shards[0].schema, job.spec.input.id_column, job.spec.output.passthrough, job.spec.output.include_token_ids
+    )
+
+
+def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str, stats_actor: str | None = None):
+    """The job's results as a lazy Ray dataset, one row per input row.
+
+    Args:
+        job: The validated job (`pipelines.config.load_job`).
+        plan: The checked input (`pipelines.read.plan_input`).
+        run_id: Written into every row.
+        tokenizer_path: The engine's tokenizer, resolved (see `pipelines.models.resolve_model`).
+        stats_actor: Name of the run's `pipelines.observe.RunStats` actor, if any.
+    """
+    from ray.data import ActorPoolStrategy
+
+    spec, engine = job.spec, job.engine
+    ds = read_dataset(plan)
+    ds = ds.map_batches(
+        render_batch,
+        fn_kwargs={
+            "tokenizer_path": tokenizer_path,
+            "system": spec.prompt.system,
+            "user": spec.prompt.user,
+            "id_column": spec.input.id_column,
+            "max_prompt_tokens": engine.engine_args.max_model_len - spec.sampling.max_tokens,
+        },
+        batch_size=spec.batch_size,
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        VLLMGenerator,
+        fn_constructor_kwargs={
+            "profile": engine.model_dump(mode="json"),
+            "sampling": spec.sampling.model_dump(mode="json"),
+            "stats_actor": stats_actor,
+        },
+        compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max),
+        batch_size=spec.batch_size,
+        batch_format="pyarrow",
+        num_cpus=engine.resources.num_cpus,
+        num_gpus=engine.resources.num_gpus or None,
+        accelerator_type=engine.resources.accelerator_type,
+        runtime_env={"env_vars": actor_env(engine)},
+        udf_modifying_row_count=False,
+    )
+    return ds.map_batches(
+        postprocess_batch,
+        fn_kwargs={
+            "price": job.price.model_dump(mode="json"),
+            "model": engine.display_model,
+            "run_id": run_id,
+            "schema": output_schema(job, plan),
+        },
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
+    )

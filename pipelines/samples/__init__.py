@@ -1,0 +1,1 @@
+"""Synthetic sample datasets for the sample jobs, generated from a seed."""
