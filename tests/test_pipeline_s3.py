@@ -1,0 +1,120 @@
+"""End to end on the real stack: SeaweedFS S3 -> Ray Data -> vLLM (SmolLM2 on CPU) -> S3."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import load_job
+from pipelines.prompt import load_tokenizer
+
+from conftest import S3_SECRET
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "conf/jobs/ticket_triage.yaml"
+SAMPLES = REPO / "data/samples/tickets"
+BUCKET = "tokenmill-e2e"
+
+
+def upload_input(client) -> pa.Table:
+    """The sample shards plus one shard of bad rows, all under s3://BUCKET/tickets/."""
+    client.create_bucket(Bucket=BUCKET)
+    tables = []
+    for path in sorted(SAMPLES.glob("*.parquet")):
+        client.upload_file(str(path), BUCKET, f"tickets/{path.name}")
+        tables.append(pq.read_table(path))
+    good = tables[0]
+    bad = pa.Table.from_pylist([
+        {**good.slice(0, 1).to_pylist()[0], "ticket_id": "BAD-NULL-BODY", "body": None},
+        {**good.slice(1, 1).to_pylist()[0], "ticket_id": "BAD-BLANK-SUBJECT", "subject": "   "},
+    ], schema=good.schema)
+    buf = io.BytesIO()
+    pq.write_table(bad, buf)
+    client.put_object(Bucket=BUCKET, Key="tickets/part-99999.parquet", Body=buf.getvalue())
+    return pa.concat_tables([*tables, bad])
+
+
+@pytest.mark.engine
+def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
+    client = s3_env.client()
+    source = upload_input(client)
+    overrides = [f"input.path=s3://{BUCKET}/tickets/", f"output.path=s3://{BUCKET}/out/",
+                 "output.include_token_ids=true", "batch_size=32"]
+    code = main(["run", str(JOB), "--run-id", "e2e", "--no-progress", *[a for o in overrides for a in ("--set", o)]])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "records in / ok / failed" in printed.out and "302 / 300 / 2" in printed.out
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="out/e2e/")["Contents"]]
+    assert "out/e2e/summary.json" in keys
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="out/e2e/summary.json")["Body"].read())
+    results = pl.concat([
+        pl.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
+        for k in keys if k.startswith("out/e2e/results/") and k.endswith(".parquet")
+    ])
+
+    # Every input id exactly once.
+    assert sorted(results["ticket_id"].to_list()) == sorted(source.column("ticket_id").to_pylist())
+    assert results["ticket_id"].n_unique() == results.height == 302
+
+    # Bad rows are kept, with a reason, and never reach the engine.
+    bad = results.filter(pl.col("ticket_id").str.starts_with("BAD-")).sort("ticket_id")
+    assert bad["error"].to_list() == ["input: subject is null or empty", "input: body is null or empty"]
+    assert bad["completion_tokens"].to_list() == [None, None] and bad["cost_usd"].to_list() == [0.0, 0.0]
+
+    ok = results.filter(pl.col("error").is_null())
+    assert ok.height == 300
+    assert ok["output_text"].str.len_chars().min() > 0
+    assert set(ok["finish_reason"].unique()) <= {"stop", "length"}
+
+    # prompt_tokens is the tokenizer's count of the rendered chat prompt.
+    job = load_job(JOB)
+    tok = load_tokenizer(str(model_path))
+    by_id = {r["ticket_id"]: r for r in source.to_pylist()}
+    for row in ok.select("ticket_id", "prompt_tokens", "prompt_token_ids").iter_rows(named=True):
+        record = by_id[row["ticket_id"]]
+        messages = [{"role": "system", "content": job.spec.prompt.system.format(**record)},
+                    {"role": "user", "content": job.spec.prompt.user.format(**record)}]
+        expected = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert row["prompt_tokens"] == len(expected)
+        assert row["prompt_token_ids"] == list(expected)
+
+    # completion_tokens is the length of the engine's output token ids, within max_tokens.
+    lengths = ok["output_token_ids"].list.len().to_list()
+    assert ok["completion_tokens"].to_list() == lengths
+    assert max(lengths) <= job.spec.sampling.max_tokens
+    assert tok.decode(ok["output_token_ids"][0].to_list(), skip_special_tokens=True).strip() == (
+        ok["output_text"][0].strip())
+
+    # Cost per record from the price book, and the summary adds up to the rows.
+    price = job.price
+    expected_cost = ((ok["prompt_tokens"] - ok["cached_prompt_tokens"]) * price.input_per_1m
+                     + ok["cached_prompt_tokens"] * price.cached_rate
+                     + ok["completion_tokens"] * price.output_per_1m) / 1e6
+    assert (ok["cost_usd"] - expected_cost).abs().max() < 1e-15
+    assert summary["cost_usd"] == pytest.approx(results["cost_usd"].sum(), rel=1e-12)
+    assert summary["records_in"] == summary["records_out"] == results.height == 302
+    assert summary["records_ok"] == 300 and summary["records_failed"] == 2
+    assert summary["prompt_tokens"] == results["prompt_tokens"].sum()
+    assert summary["completion_tokens"] == results["completion_tokens"].sum()
+    assert summary["cached_prompt_tokens"] == results["cached_prompt_tokens"].sum()
+    assert summary["errors_by_kind"] == {"input": 2}
+    assert set(results["model"].unique()) == {"SmolLM2-135M-Instruct"}
+    assert set(results["run_id"].unique()) == {"e2e"}
+    assert summary["engine_start_s"] > 0 and summary["output_tokens_per_s"] > 0
+    assert results.columns[:4] == ["ticket_id", "channel", "customer_tier", "true_category"]
+
+    # Credentials came from the environment and are printed nowhere.
+    summary_text = json.dumps(summary)
+    assert S3_SECRET not in printed.out + printed.err + summary_text
+
+    # The same run id is refused rather than mixed into the finished run.
+    assert main(["run", str(JOB), "--run-id", "e2e", *[a for o in overrides for a in ("--set", o)]]) == 2
+    assert "run 'e2e' already exists" in capsys.readouterr().err
