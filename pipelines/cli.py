@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=int, default=512, help="prompts per side (the sample rows, repeated)")
     bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
     bench.add_argument("--json", type=Path, help="also write the figures to this file")
+    sub.add_parser("reference", help="print the configuration reference (markdown) from the config models")
     return parser
 
 
@@ -137,7 +138,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "check": _cmd_check, "models": _cmd_models, "samples": _cmd_samples, "bench": _cmd_bench}
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from pipelines.config.reference import render
+
+    print(render())
+    return 0
+
+
+COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "models": _cmd_models, "samples": _cmd_samples, "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,7 +55,7 @@ class EngineProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., description="Profile name; must match the file name.")
-    description: str = ""
+    description: str = Field("", description="Free text for people choosing a profile.")
     model: str = Field(
         ...,
         description="Hugging Face id, local folder, or `embedded:<name>` for a model tokenmill prepares itself.",

@@ -67,14 +67,14 @@ class SamplingSpec(BaseModel):
 
     max_tokens: int = Field(256, ge=1, description="Most tokens generated per record.")
     temperature: float = Field(0.0, ge=0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    min_tokens: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set of this mass.")
+    top_k: int | None = Field(None, ge=1, description="Keep only the k likeliest tokens; none means all.")
+    min_tokens: int = Field(0, ge=0, description="Tokens generated before a stop or EOS may end generation.")
     seed: int | None = Field(None, description="Per-request seed, for reproducible sampling at temperature > 0.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, description="Penalty on tokens already present in the output.")
+    frequency_penalty: float = Field(0.0, description="Penalty growing with how often a token appeared.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Multiplicative penalty on repeated tokens (1 = off).")
     ignore_eos: bool = Field(False, description="Generate max_tokens whatever the model says (benchmarks).")
 
 
@@ -88,7 +88,7 @@ class OutputSpec(BaseModel):
     include_token_ids: bool = Field(
         False, description="Also write `prompt_token_ids` and `output_token_ids` (audits, debugging)."
     )
-    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
 
     @field_validator("passthrough")
     @classmethod
@@ -104,8 +104,8 @@ class ActorPoolSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min: int = Field(1, ge=1)
-    max: int = Field(1, ge=1)
+    min: int = Field(1, ge=1, description="Replicas kept running.")
+    max: int = Field(1, ge=1, description="Most replicas Ray may scale up to when resources allow.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ActorPoolSpec":
@@ -120,7 +120,7 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Job name; part of every run id.")
-    description: str = ""
+    description: str = Field("", description="Free text for people reading the spec.")
     engine: str = Field(..., description="Engine profile name, found as `conf/engines/<engine>.yaml`.")
     input: InputSpec
     prompt: PromptSpec

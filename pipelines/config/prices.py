@@ -26,7 +26,7 @@ class ModelPrice(BaseModel):
 
 
 class PriceBook(BaseModel):
-    """`conf/prices.yaml`."""
+    """The price book: per-model token prices used for every record's `cost_usd`."""
 
     model_config = ConfigDict(extra="forbid")
 
