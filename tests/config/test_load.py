@@ -36,8 +36,12 @@ def test_every_committed_job_and_engine_profile_validates():
     for path in jobs:
         job = load_job(path)
         assert job.engine.name == job.spec.engine
+    from pipelines.generate import check_engine_args
+
     for path in sorted((CONF / "engines").glob("*.yaml")):
-        assert load_engine(path.stem, CONF).name == path.stem
+        profile = load_engine(path.stem, CONF)
+        assert profile.name == path.stem
+        check_engine_args(profile, str(path))  # extra_args are real vLLM engine arguments
 
 
 def test_overrides_are_typed_and_reach_nested_keys():
