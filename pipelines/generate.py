@@ -108,6 +108,14 @@ class VLLMGenerator:
             self.stats.engine_started.remote(self.engine_start_s)
         log.info("engine %s ready in %.1f s", self.profile.name, self.engine_start_s)
 
+    def __del__(self) -> None:
+        # Ray Data drops the UDF when the pool shuts down gracefully; stopping the
+        # engine core here spares its "exited unexpectedly" clean-up and leaked
+        # shared-memory warnings when the actor process exits.
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]

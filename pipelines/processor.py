@@ -41,6 +41,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
     from ray.data import ActorPoolStrategy
 
     spec, engine = job.spec, job.engine
+    batch_size = spec.batch_size or engine.engine_args.max_num_seqs
     ds = read_dataset(plan)
     ds = ds.map_batches(
         render_batch,
@@ -51,7 +52,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
             "id_column": spec.input.id_column,
             "max_prompt_tokens": engine.engine_args.max_model_len - spec.sampling.max_tokens,
         },
-        batch_size=spec.batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
         udf_modifying_row_count=False,
     )
@@ -63,7 +64,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
             "stats_actor": stats_actor,
         },
         compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max),
-        batch_size=spec.batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=engine.resources.num_cpus,
         num_gpus=engine.resources.num_gpus or None,

@@ -127,7 +127,11 @@ class JobSpec(BaseModel):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
-    batch_size: int = Field(64, ge=1, description="Records per batch sent to an engine replica.")
+    batch_size: int | None = Field(
+        None, ge=1,
+        description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "
+        "so that each call fills the engine (smaller batches let it drain between calls).",
+    )
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store access.")
 
     @property
