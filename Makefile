@@ -31,6 +31,7 @@ install: $(STAMP)
 
 model: install
 	$(VENV)/bin/tokenmill models prepare
+	$(VENV)/bin/tokenmill models prepare tiny-llama4
 
 demo: model
 	$(PY) -m jobs.ticket_triage

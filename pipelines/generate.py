@@ -5,7 +5,7 @@ This is the only module that imports vLLM.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 import sys
@@ -25,16 +25,43 @@ from pipelines.paths import tokenmill_home
 log = logging.getLogger(__name__)
 
 
-def check_engine_args(profile: EngineProfile, source: str) -> None:
-    """Refuse `engine_args.extra_args` keys that vLLM's `EngineArgs` does not have."""
-    if not profile.engine_args.extra_args:
-        return
-    from vllm.engine.arg_utils import EngineArgs
+def vllm_engine_args(profile: EngineProfile, source: str):
+    """The profile's engine arguments as vLLM's own `EngineArgs`, checked by vLLM's CLI parser.
 
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    unknown = sorted(set(profile.engine_args.extra_args) - known)
-    if unknown:
-        raise ConfigError(f"{source}: engine_args.extra_args: unknown vLLM engine argument(s) {unknown}")
+    Going through the parser (rather than building the dataclass) checks each
+    name, type and choice (quantization, KV-cache dtype, executor backend, ...)
+    against the installed vLLM without starting an engine.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm"))
+
+    def fail(message: str):
+        raise ConfigError(f"{source}: engine_args: vLLM refuses them: {message}")
+
+    parser.error = fail  # argparse would print and exit
+    argv = ["--model", profile.model]
+    for key, value in profile.engine_args.to_vllm_kwargs().items():
+        flag = "--" + key.replace("_", "-")
+        if flag not in parser._option_string_actions:
+            fail(f"unknown vLLM engine argument {key!r}")
+        if isinstance(value, bool):
+            negative = "--no-" + key.replace("_", "-")
+            if value:
+                argv.append(flag)
+            elif negative in parser._option_string_actions:
+                argv.append(negative)
+        elif isinstance(value, (dict, list)):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return EngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def check_engine_args(profile: EngineProfile, source: str) -> None:
+    """Refuse engine arguments the installed vLLM does not accept; see `vllm_engine_args`."""
+    vllm_engine_args(profile, source)
 
 
 def actor_env(profile: EngineProfile) -> dict[str, str]:

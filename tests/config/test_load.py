@@ -135,8 +135,31 @@ def test_unknown_vllm_engine_arg_is_refused(conf):
 
     edit(conf / "engines/cpu-smollm2.yaml", lambda d: d["engine_args"].update(extra_args={"max_num_seqz": 3}))
     job = load_job(conf / "jobs/ticket_triage.yaml")
-    with pytest.raises(ConfigError, match=r"unknown vLLM engine argument\(s\) \['max_num_seqz'\]"):
+    with pytest.raises(ConfigError, match=r"unknown vLLM engine argument 'max_num_seqz'"):
         check_engine_args(job.engine, "engine profile cpu-smollm2")
+
+
+def test_engine_arg_values_are_checked_by_vllm(conf):
+    from pipelines.generate import check_engine_args
+
+    edit(conf / "engines/llama4-scout-h100.yaml", lambda d: d["engine_args"].update(kv_cache_dtype="fp7"))
+    job = load_job(conf / "jobs/ticket_triage.yaml", overrides=["engine=llama4-scout-h100"])
+    with pytest.raises(ConfigError, match=r"(?s)llama4-scout-h100.*kv-cache-dtype.*fp7"):
+        check_engine_args(job.engine, "engine profile llama4-scout-h100")
+
+
+def test_production_profiles_build_vllm_engine_args():
+    from pipelines.generate import vllm_engine_args
+
+    scout = vllm_engine_args(load_engine("llama4-scout-h100", CONF), "scout")
+    assert scout.model == "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+    assert scout.tensor_parallel_size == 8 and scout.kv_cache_dtype == "fp8"
+    assert scout.enable_prefix_caching is True and scout.distributed_executor_backend == "mp"
+    maverick = vllm_engine_args(load_engine("llama4-maverick-h200", CONF), "maverick")
+    assert maverick.model == "meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8"
+    assert maverick.tensor_parallel_size == 8 and maverick.quantization == "fp8"
+    assert maverick.max_model_len == 131072 and maverick.max_num_seqs == 512
+    assert maverick.override_generation_config == {"attn_temperature_tuning": True}
 
 
 def test_cli_prints_the_message_without_a_traceback(capsys):

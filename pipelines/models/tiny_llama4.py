@@ -1,0 +1,85 @@
+"""A tiny, randomly initialised Llama 4 mixture-of-experts model, built from a config.
+
+It has Llama 4's text architecture (`Llama4ForCausalLM`): mixture-of-experts
+layers interleaved with dense ones, chunked local attention, layers without
+RoPE, QK norm, and Llama 4's chat format. Its weights are random (a fixed seed,
+so the same everywhere), so its text is noise; what it proves is that the
+production code path loads, routes through experts and generates what
+transformers generates for the same weights.
+
+The tokenizer is SmolLM2's (vocabulary 49152) with Llama 4's special tokens
+added; the CPU attention backend needs a head size of at least 32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SEED = 20261128
+
+#: Llama 4's chat format: header tokens around each role, `<|eot|>` after each turn.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|image|>"]
+
+
+def config_kwargs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,  # each expert's
+        intermediate_size_mlp=256,  # the dense layers'
+        head_dim=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,  # MoE every 2nd layer
+        attention_chunk_size=128,
+        no_rope_layer_interval=4,
+        use_qk_norm=True,
+        max_position_embeddings=4096,
+        # Wider than the usual 0.02: random logits further apart, so greedy
+        # choices rarely hinge on near-ties.
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        dtype="bfloat16",
+    )
+
+
+def build(out: Path, *, tokenizer_source: Path) -> None:
+    """Write the checkpoint (config, bf16 safetensors, tokenizer, chat template) into `out`."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot|>", "<|end_of_text|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints are
+    config = Llama4TextConfig(**config_kwargs(vocab, ids("<|begin_of_text|>"), ids("<|eot|>"), ids("<|end_of_text|>")))
+    config.architectures = ["Llama4ForCausalLM"]
+
+    torch.manual_seed(SEED)
+    model = Llama4ForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
