@@ -100,8 +100,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from pipelines.read import plan_input
 
     job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    from pipelines.adapters import check_adapter
+
+    storage = job.spec.storage.resolved()
     check_engine_args(job.engine, f"engine profile {job.engine.name}")
-    plan = plan_input(job.spec, job.spec.storage.resolved())
+    if job.spec.lora:
+        check_adapter(job.spec.lora, storage)
+    plan = plan_input(job.spec, storage)
     print(f"ok: {job.spec.name}: {plan.num_rows:,} records in {len(plan.shards)} shard(s) at {plan.uri}; "
           f"engine {job.engine.name} ({job.engine.display_model})")
     return 0

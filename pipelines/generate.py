@@ -5,6 +5,7 @@ This is the only module that imports vLLM.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -15,12 +16,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.adapters import Adapter, local_adapter
 from pipelines.config.engine import EngineProfile
 from pipelines.config.job import SamplingSpec
 from pipelines.errors import ConfigError
 from pipelines.models import resolve_model
 from pipelines.observe import stats_handle
 from pipelines.paths import tokenmill_home
+from pipelines.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +92,13 @@ def _bind_cpu_threads() -> None:
     os.environ["OMP_NUM_THREADS"] = str(len(cores))
 
 
-def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str):
-    """A `vllm.LLM` for the profile (in the calling process)."""
+def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str, **extra: Any):
+    """A `vllm.LLM` for the profile (in the calling process); `extra` adds engine arguments (LoRA's)."""
     if profile.device == "cpu":
         _bind_cpu_threads()
     from vllm import LLM
 
-    return LLM(model=model_path, tokenizer=tokenizer_path, **profile.engine_args.to_vllm_kwargs())
+    return LLM(model=model_path, tokenizer=tokenizer_path, **{**profile.engine_args.to_vllm_kwargs(), **extra})
 
 
 def sampling_params(spec: SamplingSpec):
@@ -104,11 +107,23 @@ def sampling_params(spec: SamplingSpec):
     return SamplingParams(**spec.model_dump(exclude_none=True), detokenize=True)
 
 
-def generate_ids(llm, prompt_token_ids: list[list[int]], params) -> list[Any]:
-    """Run the engine on token-id prompts; one `RequestOutput` per prompt, in order."""
+def tokens_prompt(ids: list[int], image: bytes | None = None):
+    """A vLLM prompt of token ids, with its image (which the engine expands into image tokens)."""
     from vllm.inputs import TokensPrompt
 
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False)
+    if image is None:
+        return TokensPrompt(prompt_token_ids=ids)
+    from PIL import Image
+
+    return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": Image.open(io.BytesIO(image)).convert("RGB")})
+
+
+def generate_ids(llm, prompt_token_ids: list[list[int]], params, *, images: list[bytes | None] | None = None,
+                 lora_request=None) -> list[Any]:
+    """Run the engine on token-id prompts; one `RequestOutput` per prompt, in order."""
+    images = images or [None] * len(prompt_token_ids)
+    prompts = [tokens_prompt(ids, image) for ids, image in zip(prompt_token_ids, images)]
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
     if len(outputs) != len(prompt_token_ids):
         raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompt_token_ids)} prompts")
     return outputs
@@ -122,12 +137,21 @@ class VLLMGenerator:
     and `output_token_ids`; one row out per row in.
     """
 
-    def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], stats_actor: str | None = None):
+    def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], stats_actor: str | None = None,
+                 adapter: Adapter | None = None, storage: StorageOptions | None = None):
         self.profile = EngineProfile.model_validate(profile)
         model_path = resolve_model(self.profile.model)
         tokenizer_path = resolve_model(self.profile.tokenizer) if self.profile.tokenizer else model_path
+        self.lora_request = None
+        extra: dict[str, Any] = {}
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            local = local_adapter(adapter, storage or StorageOptions())
+            self.lora_request = LoRARequest(adapter.name, 1, str(local))
+            extra = adapter.engine_kwargs()
         started = time.perf_counter()
-        self.llm = make_llm(self.profile, model_path, tokenizer_path)
+        self.llm = make_llm(self.profile, model_path, tokenizer_path, **extra)
         self.engine_start_s = time.perf_counter() - started
         self.params = sampling_params(SamplingSpec.model_validate(sampling))
         self.stats = stats_handle(stats_actor)
@@ -152,18 +176,22 @@ class VLLMGenerator:
         completion: list[int | None] = [None] * n
         cached: list[int | None] = [None] * n
         out_ids: list[list[int] | None] = [None] * n
+        prompt_tokens = batch.column("prompt_tokens").to_pylist()
 
         started = time.time()
         if todo:
             prompts = batch.column("prompt_token_ids").take(todo).to_pylist()
+            images = batch.column("image").take(todo).to_pylist() if "image" in batch.column_names else None
             try:
-                outputs = generate_ids(self.llm, prompts, self.params)
+                outputs = generate_ids(self.llm, prompts, self.params, images=images, lora_request=self.lora_request)
             except Exception as exc:  # noqa: BLE001 - the batch's rows carry the error, none is lost
                 log.exception("engine failed on a batch of %d", len(todo))
                 for i in todo:
                     errors[i] = f"engine: {type(exc).__name__}: {exc}"
             else:
                 for i, out in zip(todo, outputs):
+                    # The engine's count: with an image it includes the image's tokens.
+                    prompt_tokens[i] = len(out.prompt_token_ids)
                     completion_output = out.outputs[0]
                     text[i] = completion_output.text
                     finish[i] = completion_output.finish_reason
@@ -174,7 +202,9 @@ class VLLMGenerator:
         if self.stats is not None and todo:
             self.stats.batch_done.remote(started, ended, len(todo), sum(c or 0 for c in completion))
 
-        result = batch.drop_columns(["error"])
+        drop = ["error", "prompt_tokens", *(["image"] if "image" in batch.column_names else [])]
+        result = batch.drop_columns(drop)
+        result = result.append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
         result = result.append_column("output_text", pa.array(text, pa.string()))
         result = result.append_column("finish_reason", pa.array(finish, pa.string()))
         result = result.append_column("completion_tokens", pa.array(completion, pa.int64()))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipelines.account import account_batch
+from pipelines.adapters import Adapter
 from pipelines.config.load import Job
 from pipelines.generate import VLLMGenerator, actor_env
 from pipelines.parse import parse_batch
 from pipelines.prompt import render_batch
 from pipelines.read import InputPlan, read_dataset
+from pipelines.storage import StorageOptions
 from pipelines.write import result_schema, select_batch
 
 
@@ -28,7 +30,8 @@ def output_schema(job: Job, plan: InputPlan) -> pa.Schema:
     )
 
 
-def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str, stats_actor: str | None = None):
+def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str, storage: StorageOptions,
+                  adapter: Adapter | None = None, stats_actor: str | None = None):
     """The job's results as a lazy Ray dataset, one row per input row.
 
     Args:
@@ -36,6 +39,8 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
         plan: The checked input (`pipelines.read.plan_input`).
         run_id: Written into every row.
         tokenizer_path: The engine's tokenizer, resolved (see `pipelines.models.resolve_model`).
+        storage: Resolved object-store access (image URIs, the LoRA adapter).
+        adapter: The job's checked LoRA adapter (`pipelines.adapters.check_adapter`), if any.
         stats_actor: Name of the run's `pipelines.observe.RunStats` actor, if any.
     """
     from ray.data import ActorPoolStrategy
@@ -51,6 +56,8 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
             "user": spec.prompt.user,
             "id_column": spec.input.id_column,
             "max_prompt_tokens": engine.engine_args.max_model_len - spec.sampling.max_tokens,
+            "image_column": spec.prompt.image_column,
+            "storage": storage,
         },
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -62,6 +69,8 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
             "profile": engine.model_dump(mode="json"),
             "sampling": spec.sampling.model_dump(mode="json"),
             "stats_actor": stats_actor,
+            "adapter": adapter,
+            "storage": storage,
         },
         compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max),
         batch_size=batch_size,

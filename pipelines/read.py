@@ -47,6 +47,8 @@ class InputPlan:
 def _columns_of_use(spec: JobSpec) -> dict[str, str]:
     """Each column the job reads, with the spec key that asks for it."""
     uses = {spec.input.id_column: "input.id_column"}
+    if spec.prompt.image_column:
+        uses.setdefault(spec.prompt.image_column, "prompt.image_column")
     for c in spec.prompt.columns:
         uses.setdefault(c, "a prompt placeholder")
     for c in spec.output.passthrough:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -9,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from pipelines.adapters import check_adapter
 from pipelines.config.load import Job
 from pipelines.errors import ConfigError, EngineError
 from pipelines.generate import check_engine_args
@@ -57,6 +59,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> di
     storage = spec.storage.resolved()
     check_engine_args(job.engine, f"engine profile {job.engine.name}")
 
+    adapter = check_adapter(spec.lora, storage) if spec.lora else None
     plan = plan_input(spec, storage)
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
@@ -75,7 +78,8 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> di
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     try:
-        ds = build_dataset(job, plan, run_id=run_id, tokenizer_path=tokenizer_path, stats_actor=stats_name)
+        ds = build_dataset(job, plan, run_id=run_id, tokenizer_path=tokenizer_path, storage=storage,
+                           adapter=adapter, stats_actor=stats_name)
         results_root = join(run_root, RESULTS_DIR)
         ds.write_parquet(
             results_root,
@@ -100,6 +104,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> di
         "job_spec": str(job.spec_path),
         "engine": job.engine.name,
         "model": job.engine.display_model,
+        "lora": dataclasses.asdict(adapter) if adapter else None,
         "started_at": started_at.isoformat(),
         "finished_at": finished_at.isoformat(),
         "wall_s": round(wall, 3),

@@ -9,6 +9,7 @@ environment. They are typed as secrets and never printed.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -126,3 +127,20 @@ def to_uri(path: str, protocol: str) -> str:
 def join(base: str, *parts: str) -> str:
     """Join path parts with `/`, for local paths and URLs alike."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_bytes(uri: str, options: StorageOptions) -> bytes:
+    """The whole object at `uri` (local path, `s3://`, `gs://`)."""
+    fs, path = filesystem_for(uri, options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def download_folder(uri: str, options: StorageOptions, dest: Path) -> None:
+    """Copy every file under `uri` into the (existing, empty) local folder `dest`."""
+    fs, root = filesystem_for(uri, options)
+    root = root.rstrip("/")
+    for path in fs.find(root):
+        local = dest / path[len(root) :].lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(local))

@@ -42,6 +42,9 @@ class EngineArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
     seed: int = Field(0, description="Engine seed.")
+    limit_mm_per_prompt: dict[str, int] | None = Field(
+        None, description="Most items per prompt for each modality of a multimodal model, e.g. `{image: 1}`."
+    )
     extra_args: dict[str, Any] = Field(default_factory=dict, description="Other `vllm.EngineArgs` fields, verbatim.")
 
     def to_vllm_kwargs(self) -> dict[str, Any]:

@@ -46,6 +46,11 @@ class PromptSpec(BaseModel):
 
     system: str | None = Field(None, description="System message (may hold placeholders too).")
     user: str = Field(..., description="User message template with `{column}` placeholders.")
+    image_column: str | None = Field(
+        None,
+        description="Column holding an image (bytes, or a local path / `s3://` / `gs://` URI) that goes "
+        "before the text in the user message; for multimodal engine profiles.",
+    )
 
     @field_validator("system", "user")
     @classmethod
@@ -56,8 +61,21 @@ class PromptSpec(BaseModel):
 
     @property
     def columns(self) -> list[str]:
+        """Every input column the prompt reads: the placeholders, then the image column."""
         names = template_fields(self.system or "")
-        return names + [n for n in template_fields(self.user) if n not in names]
+        names += [n for n in template_fields(self.user) if n not in names]
+        if self.image_column and self.image_column not in names:
+            names.append(self.image_column)
+        return names
+
+
+class LoraSpec(BaseModel):
+    """A LoRA adapter applied to every record of the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., description="Adapter folder (PEFT format): local path, `s3://` or `gs://`.")
+    name: str | None = Field(None, description="Name in logs and the summary; default the folder's name.")
 
 
 class SamplingSpec(BaseModel):
@@ -126,6 +144,7 @@ class JobSpec(BaseModel):
     prompt: PromptSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
+    lora: LoraSpec | None = Field(None, description="A LoRA adapter for the whole job; none means the base model.")
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
     batch_size: int | None = Field(
         None, ge=1,

@@ -18,14 +18,11 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from pipelines.errors import ModelError
-from pipelines.paths import tokenmill_home
+from pipelines.paths import build_folder_once, tokenmill_home
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +106,13 @@ def prepare(name: str = "smollm2-135m-instruct", *, home: Path | None = None, fo
     model = EMBEDDED.get(name)
     if model is None:
         raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
-    target = model_dir(name, home)
-    if is_prepared(target) and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def build(tmp: Path) -> None:
         log.info("preparing %s (%s)", name, model.upstream)
-        tmp.mkdir()
         model.build(tmp, home)
         (tmp / MARKER).write_text(json.dumps({"name": name, "upstream": model.upstream}))
-        if force and target.exists():
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process won the race; its folder is complete (it renamed
-            # only after writing the marker), so ours is not needed.
-            if not is_prepared(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_folder_once(model_dir(name, home), build, marker=MARKER, force=force)
 
 
 def resolve_model(model: str, *, home: Path | None = None) -> str:

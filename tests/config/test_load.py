@@ -160,6 +160,7 @@ def test_production_profiles_build_vllm_engine_args():
     assert maverick.tensor_parallel_size == 8 and maverick.quantization == "fp8"
     assert maverick.max_model_len == 131072 and maverick.max_num_seqs == 512
     assert maverick.override_generation_config == {"attn_temperature_tuning": True}
+    assert scout.limit_mm_per_prompt == maverick.limit_mm_per_prompt == {"image": 1}
 
 
 def test_cli_prints_the_message_without_a_traceback(capsys):
