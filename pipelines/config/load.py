@@ -58,11 +58,24 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: Path
                 where = ".".join(parts[: depth + 1])
                 raise ConfigError(f"--set {key}: {source}: {where} is a value, not a section")
             node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
+        node[parts[-1]] = parse_value(raw)
     return data
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value: YAML (`3`, `true`, `[a, b]`, `{k: v}`), except text that only looks like a mapping.
+
+    `Product: {title}` or `{body}` are prompt text, not YAML mappings.
+    """
+    if not raw.strip():
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, dict) and (not raw.strip().startswith("{") or all(v is None for v in value.values())):
+        return raw
+    return value
 
 
 def validate(model: type[M], data: dict[str, Any], source: Path) -> M:

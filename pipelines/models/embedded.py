@@ -5,7 +5,8 @@
   itself, so it is turned once into a Hugging Face folder (config, bf16
   safetensors, tokenizer with its chat template).
 - `tiny-llama4`: a tiny, randomly initialised Llama 4 mixture-of-experts model
-  (`pipelines.models.tiny_llama4`) that proves the Llama 4 path on CPU.
+  (`pipelines.models.tiny_llama4`) that proves the Llama 4 path on CPU;
+  `tiny-llama4-vision` adds a tiny vision encoder (needs torchvision: GPU machines).
 
 Each lives under `$TOKENMILL_HOME/models/<name>`. A folder is built in a
 temporary sibling and renamed into place, so two processes racing to prepare it
@@ -80,12 +81,30 @@ def _build_tiny_llama4(out: Path, home: Path | None) -> None:
     build(out, tokenizer_source=prepare("smollm2-135m-instruct", home=home))
 
 
+def _build_tiny_llama4_vision(out: Path, home: Path | None) -> None:
+    from pipelines.models.tiny_llama4 import build_multimodal
+
+    try:
+        import torchvision  # noqa: F401 - Llama 4's image processor needs it
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CUDA build failing on CPU
+        raise ModelError(
+            f"tiny-llama4-vision needs torchvision (Llama 4's image processor), which fails here: {exc}; "
+            "build it on a GPU machine with vLLM's CUDA build (infra/gpu-check/)"
+        ) from None
+    build_multimodal(out, tokenizer_source=prepare("smollm2-135m-instruct", home=home))
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         "smollm2-135m-instruct", f"HuggingFaceTB/SmolLM2-135M-Instruct via {SMOLLM2_PACKAGE}", _build_smollm2
     ),
     "tiny-llama4": EmbeddedModel(
         "tiny-llama4", "random Llama4ForCausalLM (pipelines/models/tiny_llama4.py)", _build_tiny_llama4
+    ),
+    "tiny-llama4-vision": EmbeddedModel(
+        "tiny-llama4-vision",
+        "random Llama4ForConditionalGeneration (pipelines/models/tiny_llama4.py)",
+        _build_tiny_llama4_vision,
     ),
 }
 

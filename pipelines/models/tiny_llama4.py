@@ -83,3 +83,67 @@ def build(out: Path, *, tokenizer_source: Path) -> None:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+#: The multimodal variant's image tokens, as Llama 4's processor names them.
+IMAGE_TOKENS = ["<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
+IMAGE_SIZE = 336  # one 336x336 tile of 14-pixel patches: 576 patches, 144 tokens after pixel shuffle
+
+
+def build_multimodal(out: Path, *, tokenizer_source: Path) -> None:
+    """The same text model with a tiny vision encoder and projector (`Llama4ForConditionalGeneration`).
+
+    Its image processor needs torchvision, so this runs where vLLM's multimodal
+    Llama 4 class runs: on a GPU machine with the CUDA builds (infra/gpu-check/).
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        Llama4Config,
+        Llama4ForConditionalGeneration,
+        Llama4ImageProcessorFast,
+        Llama4Processor,
+        Llama4TextConfig,
+        Llama4VisionConfig,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + IMAGE_TOKENS})
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot|>", "<|end_of_text|>"
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = -(-len(tokenizer) // 64) * 64
+    text = Llama4TextConfig(**config_kwargs(vocab, ids("<|begin_of_text|>"), ids("<|eot|>"), ids("<|end_of_text|>")))
+    vision = Llama4VisionConfig(
+        hidden_size=64,
+        intermediate_size=256,  # hidden x 4: the channels after pixel shuffle
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head size 32
+        image_size=IMAGE_SIZE,
+        patch_size=14,
+        pixel_shuffle_ratio=0.5,
+        vision_output_dim=128,
+        projector_input_dim=128,
+        projector_output_dim=128,
+    )
+    config = Llama4Config(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        boi_token_index=ids("<|image_start|>"),
+        eoi_token_index=ids("<|image_end|>"),
+        image_token_index=ids("<|patch|>"),
+    )
+    config.architectures = ["Llama4ForConditionalGeneration"]
+
+    torch.manual_seed(SEED)
+    model = Llama4ForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    )
+    model.save_pretrained(out)
+    image_processor = Llama4ImageProcessorFast(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_patches=1)
+    processor = Llama4Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                pixel_shuffle_ratio=0.5, chat_template=CHAT_TEMPLATE)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -55,6 +55,13 @@ def test_overrides_are_typed_and_reach_nested_keys():
     assert job.spec.output.passthrough == ["channel"]
 
 
+def test_override_values_that_look_like_mappings_stay_text():
+    job = load_job(CONF / "jobs/ticket_triage.yaml", overrides=[
+        "prompt.user=Subject: {subject}", "prompt.system={channel}", "storage.extra={anon_retries: 2}"])
+    assert job.spec.prompt.user == "Subject: {subject}" and job.spec.prompt.system == "{channel}"
+    assert job.spec.storage.extra == {"anon_retries": 2}
+
+
 def test_unknown_key_in_file_is_named(conf):
     path = edit(conf / "jobs/ticket_triage.yaml", lambda d: d["input"].update(paht="x"))
     with pytest.raises(ConfigError) as err:
