@@ -62,27 +62,42 @@ def config_kwargs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
     )
 
 
-def build(out: Path, *, tokenizer_source: Path) -> None:
-    """Write the checkpoint (config, bf16 safetensors, tokenizer, chat template) into `out`."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
+def _tokenizer_and_text_config(tokenizer_source: Path, extra_tokens: list[str]):
+    """SmolLM2's tokenizer with Llama 4's special tokens and chat format, and the text config sized to it."""
+    from transformers import AutoTokenizer, Llama4TextConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + extra_tokens})
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot|>", "<|end_of_text|>"
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = tokenizer.convert_tokens_to_ids
     vocab = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints are
-    config = Llama4TextConfig(**config_kwargs(vocab, ids("<|begin_of_text|>"), ids("<|eot|>"), ids("<|end_of_text|>")))
-    config.architectures = ["Llama4ForCausalLM"]
+    text = Llama4TextConfig(**config_kwargs(vocab, ids("<|begin_of_text|>"), ids("<|eot|>"), ids("<|end_of_text|>")))
+    return tokenizer, text
+
+
+def _init_and_save(model_cls, config, text_config, tokenizer, out: Path):
+    """Random weights from the fixed seed, saved in bf16 with the tokenizer."""
+    import torch
+    from transformers import GenerationConfig
 
     torch.manual_seed(SEED)
-    model = Llama4ForCausalLM(config).to(torch.bfloat16).eval()
+    model = model_cls(config).to(torch.bfloat16).eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        bos_token_id=text_config.bos_token_id, eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def build(out: Path, *, tokenizer_source: Path) -> None:
+    """Write the checkpoint (config, bf16 safetensors, tokenizer, chat template) into `out`."""
+    from transformers import Llama4ForCausalLM
+
+    tokenizer, config = _tokenizer_and_text_config(tokenizer_source, [])
+    config.architectures = ["Llama4ForCausalLM"]
+    _init_and_save(Llama4ForCausalLM, config, config, tokenizer, out)
 
 
 #: The multimodal variant's image tokens, as Llama 4's processor names them.
@@ -96,24 +111,16 @@ def build_multimodal(out: Path, *, tokenizer_source: Path) -> None:
     Its image processor needs torchvision, so this runs where vLLM's multimodal
     Llama 4 class runs: on a GPU machine with the CUDA builds (infra/gpu-check/).
     """
-    import torch
     from transformers import (
-        AutoTokenizer,
-        GenerationConfig,
         Llama4Config,
         Llama4ForConditionalGeneration,
         Llama4ImageProcessorFast,
         Llama4Processor,
-        Llama4TextConfig,
         Llama4VisionConfig,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + IMAGE_TOKENS})
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot|>", "<|end_of_text|>"
+    tokenizer, text = _tokenizer_and_text_config(tokenizer_source, IMAGE_TOKENS)
     ids = tokenizer.convert_tokens_to_ids
-    vocab = -(-len(tokenizer) // 64) * 64
-    text = Llama4TextConfig(**config_kwargs(vocab, ids("<|begin_of_text|>"), ids("<|eot|>"), ids("<|end_of_text|>")))
     vision = Llama4VisionConfig(
         hidden_size=64,
         intermediate_size=256,  # hidden x 4: the channels after pixel shuffle
@@ -135,15 +142,8 @@ def build_multimodal(out: Path, *, tokenizer_source: Path) -> None:
     )
     config.architectures = ["Llama4ForConditionalGeneration"]
 
-    torch.manual_seed(SEED)
-    model = Llama4ForConditionalGeneration(config).to(torch.bfloat16).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
-    )
-    model.save_pretrained(out)
+    _init_and_save(Llama4ForConditionalGeneration, config, text, tokenizer, out)
     image_processor = Llama4ImageProcessorFast(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_patches=1)
     processor = Llama4Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                 pixel_shuffle_ratio=0.5, chat_template=CHAT_TEMPLATE)
-    tokenizer.chat_template = CHAT_TEMPLATE
     processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
