@@ -59,7 +59,9 @@ class SeaweedS3:
             weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-s3", f"-s3.port={self.port}", f"-s3.config={config}",
             f"-master.port={_free_port()}", f"-volume.port={_free_port()}", f"-filer.port={_free_port()}",
-            "-master.volumeSizeLimitMB=64",
+            # Each bucket is a collection that takes several volumes; the default
+            # cap of 8 volumes is spent after one bucket.
+            "-master.volumeSizeLimitMB=64", "-volume.max=200",
         ]
         self.log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
