@@ -96,17 +96,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from pipelines.config import load_job
-    from pipelines.generate import check_engine_args
-    from pipelines.read import plan_input
+    from pipelines.runner import preflight
 
     job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
-    from pipelines.adapters import check_adapter
-
-    storage = job.spec.storage.resolved()
-    check_engine_args(job.engine, f"engine profile {job.engine.name}")
-    if job.spec.lora:
-        check_adapter(job.spec.lora, storage)
-    plan = plan_input(job.spec, storage)
+    _, _, plan = preflight(job)
     print(f"ok: {job.spec.name}: {plan.num_rows:,} records in {len(plan.shards)} shard(s) at {plan.uri}; "
           f"engine {job.engine.name} ({job.engine.display_model})")
     return 0

@@ -10,15 +10,15 @@ import time
 import uuid
 from typing import Any
 
-from pipelines.adapters import check_adapter
+from pipelines.adapters import Adapter, check_adapter
 from pipelines.config.load import Job
 from pipelines.errors import ConfigError, EngineError
 from pipelines.generate import check_engine_args
 from pipelines.models import resolve_model
 from pipelines.observe import EngineStats, start_stats_actor
 from pipelines.processor import build_dataset
-from pipelines.read import plan_input
-from pipelines.storage import arrow_filesystem, filesystem_for, join, protocol_of, to_uri
+from pipelines.read import InputPlan, plan_input
+from pipelines.storage import StorageOptions, arrow_filesystem, filesystem_for, join, protocol_of, to_uri
 from pipelines.summary import result_totals, scan_results
 from pipelines.write import write_json
 
@@ -45,6 +45,14 @@ def ensure_ray() -> None:
         ray.init(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
 
 
+def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan]:
+    """Every check that needs no engine: engine arguments, the LoRA adapter, the input's shards and columns."""
+    storage = job.spec.storage.resolved()
+    check_engine_args(job.engine, f"engine profile {job.engine.name}")
+    adapter = check_adapter(job.spec.lora, storage) if job.spec.lora else None
+    return storage, adapter, plan_input(job.spec, storage)
+
+
 def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run a job end to end; return its summary (also written as `summary.json`).
 
@@ -56,11 +64,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> di
     """
     spec = job.spec
     run_id = run_id or new_run_id(spec.name)
-    storage = spec.storage.resolved()
-    check_engine_args(job.engine, f"engine profile {job.engine.name}")
-
-    adapter = check_adapter(spec.lora, storage) if spec.lora else None
-    plan = plan_input(spec, storage)
+    storage, adapter, plan = preflight(job)
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
     if out_fs.exists(join(run_root, SUMMARY_FILE)) or out_fs.exists(join(run_root, RESULTS_DIR)):
