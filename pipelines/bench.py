@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config.load import Job, load_job
 from pipelines.generate import actor_env
-from pipelines.models import resolve_model
+from pipelines.models import resolve_engine_paths
+from pipelines.processor import prompt_kwargs
 from pipelines.prompt import render_batch
 from pipelines.read import plan_input
 
@@ -48,14 +49,9 @@ def bench_input(job: Job, rows: int, out_dir: Path, shards: int = 4) -> pa.Table
 
 
 def prompt_ids(job: Job, table: pa.Table, tokenizer_path: str) -> list[list[int]]:
-    spec = job.spec
+    """The same token ids the pipeline's prompt stage gives the engine."""
     rendered = render_batch(
-        table,
-        tokenizer_path=tokenizer_path,
-        system=spec.prompt.system,
-        user=spec.prompt.user,
-        id_column=spec.input.id_column,
-        max_prompt_tokens=job.engine.engine_args.max_model_len - spec.sampling.max_tokens,
+        table, **prompt_kwargs(job, tokenizer_path=tokenizer_path, storage=job.spec.storage.resolved())
     )
     bad = [e for e in rendered.column("error").to_pylist() if e]
     if bad:
@@ -117,8 +113,7 @@ def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path |
         table = bench_input(job, rows, workdir / "input")
         job = load_job(job_path, conf_dir=conf_dir, overrides=[
             *overrides, *fixed, f"input.path={workdir / 'input'}", f"output.path={workdir / 'output'}"])
-        model_path = resolve_model(job.engine.model)
-        tokenizer_path = resolve_model(job.engine.tokenizer) if job.engine.tokenizer else model_path
+        model_path, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
         prompts = prompt_ids(job, table, tokenizer_path)
 
         raw = run_raw(job, prompts, model_path, tokenizer_path, workdir)

@@ -20,7 +20,7 @@ from pipelines.adapters import Adapter, local_adapter
 from pipelines.config.engine import EngineProfile
 from pipelines.config.job import SamplingSpec
 from pipelines.errors import ConfigError
-from pipelines.models import resolve_model
+from pipelines.models import resolve_engine_paths
 from pipelines.observe import stats_handle
 from pipelines.paths import tokenmill_home
 from pipelines.storage import StorageOptions
@@ -60,11 +60,6 @@ def vllm_engine_args(profile: EngineProfile, source: str):
         else:
             argv += [flag, str(value)]
     return EngineArgs.from_cli_args(parser.parse_args(argv))
-
-
-def check_engine_args(profile: EngineProfile, source: str) -> None:
-    """Refuse engine arguments the installed vLLM does not accept; see `vllm_engine_args`."""
-    vllm_engine_args(profile, source)
 
 
 def actor_env(profile: EngineProfile) -> dict[str, str]:
@@ -140,8 +135,7 @@ class VLLMGenerator:
     def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], stats_actor: str | None = None,
                  adapter: Adapter | None = None, storage: StorageOptions | None = None):
         self.profile = EngineProfile.model_validate(profile)
-        model_path = resolve_model(self.profile.model)
-        tokenizer_path = resolve_model(self.profile.tokenizer) if self.profile.tokenizer else model_path
+        model_path, tokenizer_path = resolve_engine_paths(self.profile.model, self.profile.tokenizer)
         self.lora_request = None
         extra: dict[str, Any] = {}
         if adapter is not None:
@@ -177,11 +171,12 @@ class VLLMGenerator:
         cached: list[int | None] = [None] * n
         out_ids: list[list[int] | None] = [None] * n
         prompt_tokens = batch.column("prompt_tokens").to_pylist()
+        has_images = "image" in batch.column_names
 
         started = time.time()
         if todo:
             prompts = batch.column("prompt_token_ids").take(todo).to_pylist()
-            images = batch.column("image").take(todo).to_pylist() if "image" in batch.column_names else None
+            images = batch.column("image").take(todo).to_pylist() if has_images else None
             try:
                 outputs = generate_ids(self.llm, prompts, self.params, images=images, lora_request=self.lora_request)
             except Exception as exc:  # noqa: BLE001 - the batch's rows carry the error, none is lost
@@ -202,7 +197,7 @@ class VLLMGenerator:
         if self.stats is not None and todo:
             self.stats.batch_done.remote(started, ended, len(todo), sum(c or 0 for c in completion))
 
-        drop = ["error", "prompt_tokens", *(["image"] if "image" in batch.column_names else [])]
+        drop = ["error", "prompt_tokens", *(["image"] if has_images else [])]
         result = batch.drop_columns(drop)
         result = result.append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
         result = result.append_column("output_text", pa.array(text, pa.string()))

@@ -30,6 +30,20 @@ def output_schema(job: Job, plan: InputPlan) -> pa.Schema:
     )
 
 
+def prompt_kwargs(job: Job, *, tokenizer_path: str, storage: StorageOptions) -> dict:
+    """The prompt stage's arguments for this job (`pipelines.prompt.render_batch`)."""
+    spec = job.spec
+    return {
+        "tokenizer_path": tokenizer_path,
+        "system": spec.prompt.system,
+        "user": spec.prompt.user,
+        "id_column": spec.input.id_column,
+        "max_prompt_tokens": job.engine.engine_args.max_model_len - spec.sampling.max_tokens,
+        "image_column": spec.prompt.image_column,
+        "storage": storage,
+    }
+
+
 def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str, storage: StorageOptions,
                   adapter: Adapter | None = None, stats_actor: str | None = None):
     """The job's results as a lazy Ray dataset, one row per input row.
@@ -50,15 +64,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
     ds = read_dataset(plan)
     ds = ds.map_batches(
         render_batch,
-        fn_kwargs={
-            "tokenizer_path": tokenizer_path,
-            "system": spec.prompt.system,
-            "user": spec.prompt.user,
-            "id_column": spec.input.id_column,
-            "max_prompt_tokens": engine.engine_args.max_model_len - spec.sampling.max_tokens,
-            "image_column": spec.prompt.image_column,
-            "storage": storage,
-        },
+        fn_kwargs=prompt_kwargs(job, tokenizer_path=tokenizer_path, storage=storage),
         batch_size=batch_size,
         batch_format="pyarrow",
         udf_modifying_row_count=False,

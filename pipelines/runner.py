@@ -13,8 +13,8 @@ from typing import Any
 from pipelines.adapters import Adapter, check_adapter
 from pipelines.config.load import Job
 from pipelines.errors import ConfigError, EngineError
-from pipelines.generate import check_engine_args
-from pipelines.models import resolve_model
+from pipelines.generate import vllm_engine_args
+from pipelines.models import resolve_engine_paths
 from pipelines.observe import EngineStats, start_stats_actor
 from pipelines.processor import build_dataset
 from pipelines.read import InputPlan, plan_input
@@ -48,7 +48,7 @@ def ensure_ray() -> None:
 def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan]:
     """Every check that needs no engine: engine arguments, the LoRA adapter, the input's shards and columns."""
     storage = job.spec.storage.resolved()
-    check_engine_args(job.engine, f"engine profile {job.engine.name}")
+    vllm_engine_args(job.engine, f"engine profile {job.engine.name}")
     adapter = check_adapter(job.spec.lora, storage) if job.spec.lora else None
     return storage, adapter, plan_input(job.spec, storage)
 
@@ -71,7 +71,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> di
         raise ConfigError(f"output.path: run {run_id!r} already exists at {join(spec.output.path, run_id)}; "
                           "choose another --run-id")
 
-    tokenizer_path = resolve_model(job.engine.tokenizer or job.engine.model)
+    _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
     ensure_ray()
     import ray
     from ray.data import DataContext

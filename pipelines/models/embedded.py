@@ -134,6 +134,12 @@ def prepare(name: str = "smollm2-135m-instruct", *, home: Path | None = None, fo
     return build_folder_once(model_dir(name, home), build, marker=MARKER, force=force)
 
 
+def resolve_engine_paths(model: str, tokenizer: str | None = None) -> tuple[str, str]:
+    """The model and tokenizer an engine profile names, resolved (the tokenizer defaults to the model's)."""
+    model_path = resolve_model(model)
+    return model_path, resolve_model(tokenizer) if tokenizer else model_path
+
+
 def resolve_model(model: str, *, home: Path | None = None) -> str:
     """What vLLM and transformers load for an engine profile's `model`.
 

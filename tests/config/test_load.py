@@ -36,12 +36,12 @@ def test_every_committed_job_and_engine_profile_validates():
     for path in jobs:
         job = load_job(path)
         assert job.engine.name == job.spec.engine
-    from pipelines.generate import check_engine_args
+    from pipelines.generate import vllm_engine_args
 
     for path in sorted((CONF / "engines").glob("*.yaml")):
         profile = load_engine(path.stem, CONF)
         assert profile.name == path.stem
-        check_engine_args(profile, str(path))  # extra_args are real vLLM engine arguments
+        vllm_engine_args(profile, str(path))  # extra_args are real vLLM engine arguments
 
 
 def test_overrides_are_typed_and_reach_nested_keys():
@@ -138,21 +138,21 @@ def test_gpu_profile_must_ask_for_its_tensor_parallel_gpus(conf):
 
 
 def test_unknown_vllm_engine_arg_is_refused(conf):
-    from pipelines.generate import check_engine_args
+    from pipelines.generate import vllm_engine_args
 
     edit(conf / "engines/cpu-smollm2.yaml", lambda d: d["engine_args"].update(extra_args={"max_num_seqz": 3}))
     job = load_job(conf / "jobs/ticket_triage.yaml")
     with pytest.raises(ConfigError, match=r"unknown vLLM engine argument 'max_num_seqz'"):
-        check_engine_args(job.engine, "engine profile cpu-smollm2")
+        vllm_engine_args(job.engine, "engine profile cpu-smollm2")
 
 
 def test_engine_arg_values_are_checked_by_vllm(conf):
-    from pipelines.generate import check_engine_args
+    from pipelines.generate import vllm_engine_args
 
     edit(conf / "engines/llama4-scout-h100.yaml", lambda d: d["engine_args"].update(kv_cache_dtype="fp7"))
     job = load_job(conf / "jobs/ticket_triage.yaml", overrides=["engine=llama4-scout-h100"])
     with pytest.raises(ConfigError, match=r"(?s)llama4-scout-h100.*kv-cache-dtype.*fp7"):
-        check_engine_args(job.engine, "engine profile llama4-scout-h100")
+        vllm_engine_args(job.engine, "engine profile llama4-scout-h100")
 
 
 def test_production_profiles_build_vllm_engine_args():
