@@ -40,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rebuild even when already prepared")
     msub.add_parser("list", help="list embedded models and where they are prepared")
 
-    samples = sub.add_parser("samples", help="generate sample datasets")
+    samples = sub.add_parser("samples", help="generate sample datasets (with their true answers)")
     ssub = samples.add_subparsers(dest="samples_command", required=True)
-    tickets = ssub.add_parser("tickets", help="synthetic support tickets as Parquet shards")
-    tickets.add_argument("out", type=Path)
-    tickets.add_argument("--rows", type=int, default=300)
-    tickets.add_argument("--shards", type=int, default=4)
-    tickets.add_argument("--seed", type=int, default=20261128)
+    for name, what in [("tickets", "support tickets (ticket_triage)"), ("reviews", "product reviews "
+                       "(review_sentiment)"), ("invoices", "invoice emails (invoice_fields)")]:
+        one = ssub.add_parser(name, help=f"synthetic {what} as Parquet shards")
+        one.add_argument("out", type=Path)
+        one.add_argument("--rows", type=int, help="default: as committed under data/samples/")
+        one.add_argument("--shards", type=int, default=4)
+        one.add_argument("--seed", type=int, default=20261128)
 
     bench = sub.add_parser("bench", help="raw vLLM against the full pipeline on the same prompts")
     bench.add_argument("job", type=Path, nargs="?", default=Path("conf/jobs/ticket_triage.yaml"))
@@ -77,6 +79,16 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("errors_by_kind"):
         rows.insert(3, ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items())))
+    q = s.get("quality")
+    if q and "accuracy" in q:
+        rows.append(("accuracy", f"{num(q['accuracy'], '.3f')} on {q['records_with_truth']:,} records "
+                                 f"with {q['truth_column']}"))
+    elif q and "fields" in q:
+        rates = ", ".join(f"{k} {num(v['exact_match_rate'], '.3f')}" for k, v in q["fields"].items())
+        rows.append(("exact match", rates))
+    if "output_file" in s["output"]:
+        rows.append(("OpenAI batch files", f"{s['output']['output_lines']:,} in {s['output']['output_file']}, "
+                                           f"{s['output']['error_lines']:,} in {s['output']['error_file']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
@@ -100,7 +112,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
     _, _, plan = preflight(job)
-    print(f"ok: {job.spec.name}: {plan.num_rows:,} records in {len(plan.shards)} shard(s) at {plan.uri}; "
+    found = (f"{len(plan)} OpenAI batch request file(s)" if isinstance(plan, list)
+             else f"{plan.num_rows:,} records in {len(plan.shards)} shard(s)")
+    print(f"ok: {job.spec.name}: {found} at {job.spec.input.path}; "
           f"engine {job.engine.name} ({job.engine.display_model})")
     return 0
 
@@ -118,9 +132,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_samples(args: argparse.Namespace) -> int:
-    from pipelines.samples.tickets import make_tickets, write_shards
+    from pipelines.samples import generators, write_shards
 
-    for path in write_shards(make_tickets(args.rows, seed=args.seed), args.out, shards=args.shards):
+    make, rows = generators()[args.samples_command]
+    for path in write_shards(make(args.rows or rows, seed=args.seed), args.out, shards=args.shards):
         print(path)
     return 0
 

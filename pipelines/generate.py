@@ -96,10 +96,40 @@ def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str, **ext
     return LLM(model=model_path, tokenizer=tokenizer_path, **{**profile.engine_args.to_vllm_kwargs(), **extra})
 
 
-def sampling_params(spec: SamplingSpec):
-    from vllm import SamplingParams
+def structured_outputs(spec) -> dict[str, Any] | None:
+    """The job's decoding constraint as `StructuredOutputsParams` keywords: the labels, or the JSON Schema."""
+    if spec.task == "classify":
+        return {"choice": spec.classify.names}
+    if spec.task == "extract":
+        return {"json": spec.extract.schema_dict}
+    return None
 
-    return SamplingParams(**spec.model_dump(exclude_none=True), detokenize=True)
+
+def sampling_params(spec: SamplingSpec, *, structured: dict[str, Any] | None = None, logprobs: bool = False):
+    """vLLM `SamplingParams` for the spec; `structured` constrains decoding, `logprobs` returns the sampled
+    tokens' logprobs (taken after the constraint's mask, so they are the constrained distribution's)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(
+        **spec.model_dump(exclude_none=True),
+        detokenize=True,
+        structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+        logprobs=0 if logprobs else None,
+    )
+
+
+def request_sampling_params(base: SamplingSpec, request_params: list[str | None], default):
+    """Per-row `SamplingParams`: a row's JSON overrides (OpenAI batch requests) over the job's sampling."""
+    out = []
+    for raw in request_params:
+        if raw is None:
+            out.append(default)
+            continue
+        params = json.loads(raw)
+        structured = params.pop("structured", None)
+        out.append(sampling_params(SamplingSpec.model_validate({**base.model_dump(), **params}), structured=structured))
+    return out
 
 
 def tokens_prompt(ids: list[int], image: bytes | None = None):
@@ -128,12 +158,15 @@ class VLLMGenerator:
     """A Ray Data callable class: one engine replica.
 
     Rows that already carry an `error` are not sent to the engine. Adds
-    `output_text`, `finish_reason`, `completion_tokens`, `cached_prompt_tokens`
-    and `output_token_ids`; one row out per row in.
+    `output_text`, `finish_reason`, `completion_tokens`, `cached_prompt_tokens`,
+    `output_token_ids` and, with `logprobs`, `output_logprob` (the sum of the
+    sampled tokens' logprobs); one row out per row in. A `request_params`
+    column (JSON, per row) overrides the sampling for its row.
     """
 
     def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], stats_actor: str | None = None,
-                 adapter: Adapter | None = None, storage: StorageOptions | None = None):
+                 adapter: Adapter | None = None, storage: StorageOptions | None = None,
+                 structured: dict[str, Any] | None = None, logprobs: bool = False):
         self.profile = EngineProfile.model_validate(profile)
         model_path, tokenizer_path = resolve_engine_paths(self.profile.model, self.profile.tokenizer)
         self.lora_request = None
@@ -147,7 +180,9 @@ class VLLMGenerator:
         started = time.perf_counter()
         self.llm = make_llm(self.profile, model_path, tokenizer_path, **extra)
         self.engine_start_s = time.perf_counter() - started
-        self.params = sampling_params(SamplingSpec.model_validate(sampling))
+        self.sampling = SamplingSpec.model_validate(sampling)
+        self.params = sampling_params(self.sampling, structured=structured, logprobs=logprobs)
+        self.logprobs = logprobs
         self.stats = stats_handle(stats_actor)
         if self.stats is not None:
             self.stats.engine_started.remote(self.engine_start_s)
@@ -170,6 +205,7 @@ class VLLMGenerator:
         completion: list[int | None] = [None] * n
         cached: list[int | None] = [None] * n
         out_ids: list[list[int] | None] = [None] * n
+        logprob: list[float | None] = [None] * n
         prompt_tokens = batch.column("prompt_tokens").to_pylist()
         has_images = "image" in batch.column_names
 
@@ -177,8 +213,12 @@ class VLLMGenerator:
         if todo:
             prompts = batch.column("prompt_token_ids").take(todo).to_pylist()
             images = batch.column("image").take(todo).to_pylist() if has_images else None
+            params = self.params
+            if "request_params" in batch.column_names:
+                params = request_sampling_params(
+                    self.sampling, batch.column("request_params").take(todo).to_pylist(), self.params)
             try:
-                outputs = generate_ids(self.llm, prompts, self.params, images=images, lora_request=self.lora_request)
+                outputs = generate_ids(self.llm, prompts, params, images=images, lora_request=self.lora_request)
             except Exception as exc:  # noqa: BLE001 - the batch's rows carry the error, none is lost
                 log.exception("engine failed on a batch of %d", len(todo))
                 for i in todo:
@@ -193,6 +233,8 @@ class VLLMGenerator:
                     out_ids[i] = list(completion_output.token_ids)
                     completion[i] = len(completion_output.token_ids)
                     cached[i] = out.num_cached_tokens
+                    if self.logprobs and completion_output.cumulative_logprob is not None:
+                        logprob[i] = completion_output.cumulative_logprob
         ended = time.time()
         if self.stats is not None and todo:
             self.stats.batch_done.remote(started, ended, len(todo), sum(c or 0 for c in completion))
@@ -205,6 +247,8 @@ class VLLMGenerator:
         result = result.append_column("completion_tokens", pa.array(completion, pa.int64()))
         result = result.append_column("cached_prompt_tokens", pa.array(cached, pa.int64()))
         result = result.append_column("output_token_ids", pa.array(out_ids, pa.list_(pa.int32())))
+        if self.logprobs:
+            result = result.append_column("output_logprob", pa.array(logprob, pa.float64()))
         result = result.append_column("error", pa.array(errors, pa.string()))
         assert result.num_rows == n, "VLLMGenerator must map each row to exactly one row"
         return result

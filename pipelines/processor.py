@@ -11,34 +11,55 @@ import pyarrow as pa
 from pipelines.account import account_batch
 from pipelines.adapters import Adapter
 from pipelines.config.load import Job
-from pipelines.generate import VLLMGenerator, actor_env
+from pipelines.generate import VLLMGenerator, actor_env, structured_outputs
 from pipelines.parse import parse_batch
-from pipelines.prompt import render_batch
+from pipelines.prompt import render_batch, task_instructions
 from pipelines.read import InputPlan, read_dataset
+from pipelines.schema import task_fields
 from pipelines.storage import StorageOptions
 from pipelines.write import result_schema, select_batch
 
 
-def postprocess_batch(batch: pa.Table, *, price: dict, model: str, run_id: str, schema: pa.Schema) -> pa.Table:
+def postprocess_batch(batch: pa.Table, *, parse: dict, price: dict, model: str, run_id: str,
+                      schema: pa.Schema) -> pa.Table:
     """parse -> account -> select, fused into one task per batch."""
-    return select_batch(account_batch(parse_batch(batch), price=price, model=model, run_id=run_id), schema=schema)
+    parsed = parse_batch(batch, **parse)
+    return select_batch(account_batch(parsed, price=price, model=model, run_id=run_id), schema=schema)
 
 
 def output_schema(job: Job, plan: InputPlan) -> pa.Schema:
-    return result_schema(
-        plan.shards[0].schema, job.spec.input.id_column, job.spec.output.passthrough, job.spec.output.include_token_ids
-    )
+    spec = job.spec
+    return result_schema(plan.shards[0].schema, spec.id_column, spec.carried_columns, spec.output.include_token_ids,
+                         task_fields(spec.task, spec.classify, spec.extract))
+
+
+def parse_kwargs(job: Job) -> dict:
+    """The parse stage's arguments for this job (`pipelines.parse.parse_batch`)."""
+    spec = job.spec
+    return {
+        "task": spec.task,
+        "labels": spec.classify.names if spec.classify else None,
+        "schema": spec.extract.schema_dict if spec.extract else None,
+        "fields": task_fields(spec.task, spec.classify, spec.extract),
+    }
 
 
 def prompt_kwargs(job: Job, *, tokenizer_path: str, storage: StorageOptions) -> dict:
     """The prompt stage's arguments for this job (`pipelines.prompt.render_batch`)."""
     spec = job.spec
-    return {
+    common = {
         "tokenizer_path": tokenizer_path,
+        "id_column": spec.id_column,
+        "max_model_len": job.engine.engine_args.max_model_len,
+        "max_tokens": spec.sampling.max_tokens,
+    }
+    if spec.prompt is None:  # OpenAI batch requests bring their messages
+        return {**common, "messages_column": "messages"}
+    return {
+        **common,
         "system": spec.prompt.system,
         "user": spec.prompt.user,
-        "id_column": spec.input.id_column,
-        "max_prompt_tokens": job.engine.engine_args.max_model_len - spec.sampling.max_tokens,
+        "instructions": task_instructions(spec),
         "image_column": spec.prompt.image_column,
         "storage": storage,
     }
@@ -77,6 +98,8 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
             "stats_actor": stats_actor,
             "adapter": adapter,
             "storage": storage,
+            "structured": structured_outputs(spec),
+            "logprobs": bool(spec.classify and spec.classify.probability),
         },
         compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max),
         batch_size=batch_size,
@@ -90,6 +113,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
     return ds.map_batches(
         postprocess_batch,
         fn_kwargs={
+            "parse": parse_kwargs(job),
             "price": job.price.model_dump(mode="json"),
             "model": engine.display_model,
             "run_id": run_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -27,17 +28,6 @@ def load_tokenizer(path: str):
 
 def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
-
-
-def build_messages(row: dict[str, Any], system: str | None, user: str, *, image: bool = False) -> list[dict]:
-    """The chat messages for one record; with `image`, the user message is an image part then a text part."""
-    messages: list[dict] = []
-    if system:
-        messages.append({"role": "system", "content": system.format(**row)})
-    text = user.format(**row)
-    content: Any = [{"type": "image"}, {"type": "text", "text": text}] if image else text
-    messages.append({"role": "user", "content": content})
-    return messages
 
 
 def load_image(value: Any, storage: StorageOptions) -> bytes:
@@ -65,40 +55,94 @@ def load_image(value: Any, storage: StorageOptions) -> bytes:
     return value
 
 
+def task_instructions(spec) -> str | None:
+    """What a classify or extract job tells the model about its answer (the spec's labels or JSON Schema).
+
+    Decoding is constrained either way; saying what is allowed up front keeps
+    the model from being forced off the answer it would have given.
+    """
+    if spec.prompt is None or not spec.prompt.task_instructions:
+        return None
+    if spec.task == "classify":
+        lines = [f"- {label.name}" + (f": {label.description}" if label.description else "")
+                 for label in spec.classify.labels]
+        return "Answer with exactly one of these labels and nothing else:\n" + "\n".join(lines)
+    if spec.task == "extract":
+        schema = json.dumps(spec.extract.schema_dict, separators=(",", ":"))
+        return f"Answer with one JSON object that follows this JSON Schema:\n{schema}"
+    return None
+
+
+def build_messages(row: dict[str, Any], system: str | None, user: str, *, image: bool = False,
+                   instructions: str | None = None) -> list[dict]:
+    """The chat messages for one record; with `image`, the user message is an image part then a text part."""
+    messages: list[dict] = []
+    system_text = system.format(**row) if system else None
+    if instructions:
+        system_text = f"{system_text}\n\n{instructions}" if system_text else instructions
+    if system_text:
+        messages.append({"role": "system", "content": system_text})
+    text = user.format(**row)
+    content: Any = [{"type": "image"}, {"type": "text", "text": text}] if image else text
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
 def render_batch(
     batch: pa.Table,
     *,
     tokenizer_path: str,
-    system: str | None,
-    user: str,
     id_column: str,
-    max_prompt_tokens: int,
+    max_model_len: int,
+    max_tokens: int,
+    system: str | None = None,
+    user: str | None = None,
+    instructions: str | None = None,
     image_column: str | None = None,
     storage: StorageOptions | None = None,
+    messages_column: str | None = None,
 ) -> pa.Table:
     """Add `prompt_token_ids`, `prompt_tokens` and `error` to a batch; one row out per row in.
 
     Args:
         tokenizer_path: Tokenizer folder or id (the engine's).
-        system, user: The spec's `prompt.system` and `prompt.user` templates.
         id_column: The spec's `input.id_column`; a null id is an error.
-        max_prompt_tokens: `max_model_len - max_tokens`: a longer prompt cannot
-            be generated in full, so it is an error rather than an engine failure.
+        max_model_len, max_tokens: A prompt longer than `max_model_len - max_tokens`
+            cannot be generated in full, so it is an error rather than an engine
+            failure. A `max_tokens` column, where present, sets it per row.
+        system, user: The spec's `prompt.system` and `prompt.user` templates.
+        instructions: The task's instructions (`task_instructions`), appended to the system message.
         image_column: The spec's `prompt.image_column`: its image is loaded,
             checked and carried to the engine in an `image` column.
         storage: Object-store access for image URIs.
+        messages_column: A column of ready chat messages (JSON) used instead of
+            the templates, as OpenAI batch requests bring them; a `reject`
+            column beside it holds reasons found while reading.
     """
     tokenizer = load_tokenizer(tokenizer_path)
-    placeholders = template_fields(system or "") + template_fields(user)
-    wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
+    if messages_column:
+        placeholders: list[str] = []
+        wanted = [id_column, messages_column, "reject"]
+    else:
+        placeholders = list(dict.fromkeys(template_fields(system or "") + template_fields(user)))
+        wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
+    if "max_tokens" in batch.column_names:
+        wanted.append("max_tokens")
     rows = batch.select(list(dict.fromkeys(wanted))).to_pylist()
 
     errors: list[str | None] = [None] * len(rows)
     images: list[bytes | None] = [None] * len(rows)
     conversations, positions = [], []
     for i, row in enumerate(rows):
+        if row.get("reject") is not None:
+            errors[i] = row["reject"]
+            continue
         if row[id_column] is None:
             errors[i] = f"input: {id_column} (the id column) is null"
+            continue
+        if messages_column:
+            conversations.append(json.loads(row[messages_column]))
+            positions.append(i)
             continue
         blank = [c for c in placeholders if _is_blank(row[c])]
         if blank:
@@ -110,7 +154,8 @@ def render_batch(
             except ValueError as exc:
                 errors[i] = str(exc)
                 continue
-        conversations.append(build_messages(row, system, user, image=image_column is not None))
+        conversations.append(build_messages(row, system, user, image=image_column is not None,
+                                            instructions=instructions))
         positions.append(i)
 
     token_ids: list[list[int] | None] = [None] * len(rows)
@@ -119,10 +164,9 @@ def render_batch(
         # The rendered text already holds the template's special tokens.
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         for i, ids in zip(positions, encoded):
-            if len(ids) > max_prompt_tokens:
-                errors[i] = (
-                    f"prompt_too_long: {len(ids)} tokens; max_model_len minus max_tokens leaves {max_prompt_tokens}"
-                )
+            limit = max_model_len - (rows[i].get("max_tokens") or max_tokens)
+            if len(ids) > limit:
+                errors[i] = f"prompt_too_long: {len(ids)} tokens; max_model_len minus max_tokens leaves {limit}"
             token_ids[i] = ids
 
     out = batch

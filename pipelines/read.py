@@ -46,21 +46,27 @@ class InputPlan:
 
 def _columns_of_use(spec: JobSpec) -> dict[str, str]:
     """Each column the job reads, with the spec key that asks for it."""
-    uses = {spec.input.id_column: "input.id_column"}
+    if spec.input.format == "openai_batch":  # the staged requests (`pipelines.openai_batch`)
+        return {c: "the staged OpenAI batch requests" for c in spec.read_columns}
+    uses = {spec.id_column: "input.id_column"}
     if spec.prompt.image_column:
         uses.setdefault(spec.prompt.image_column, "prompt.image_column")
     for c in spec.prompt.columns:
         uses.setdefault(c, "a prompt placeholder")
     for c in spec.output.passthrough:
         uses.setdefault(c, "output.passthrough")
+    if spec.classify and spec.classify.label_column:
+        uses.setdefault(spec.classify.label_column, "classify.label_column")
+    for field, c in (spec.extract.truth_columns if spec.extract else {}).items():
+        uses.setdefault(c, f"extract.truth_columns.{field}")
     for c in spec.input.columns or []:
         uses.setdefault(c, "input.columns")
     return uses
 
 
-def plan_input(spec: JobSpec, storage: StorageOptions) -> InputPlan:
-    """List and check the input shards named by `spec.input.path`."""
-    uri = spec.input.path
+def plan_input(spec: JobSpec, storage: StorageOptions, uri: str | None = None) -> InputPlan:
+    """List and check the input shards named by `spec.input.path` (or `uri`: staged OpenAI batch requests)."""
+    uri = uri or spec.input.path
     fs, root = filesystem_for(uri, storage)
     try:
         exists = fs.exists(root)

@@ -1,9 +1,12 @@
 """The result columns every run writes, in order, with their Arrow types.
 
-Passthrough columns from the input come right after the id.
+Passthrough and truth columns from the input come right after the id, then the
+task's typed columns (`label`, or one per extracted field), then these.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pyarrow as pa
 
@@ -25,3 +28,82 @@ TOKEN_ID_FIELDS: list[pa.Field] = [
 ]
 
 RESERVED_NAMES = frozenset(f.name for f in RESULT_FIELDS + TOKEN_ID_FIELDS)
+
+CLASSIFY_FIELDS: list[pa.Field] = [pa.field("label", pa.string())]
+LABEL_PROBABILITY_FIELD = pa.field("label_probability", pa.float64())
+
+
+def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """Follow a local `$ref` (`#/$defs/X`, as pydantic writes nested models)."""
+    seen = 0
+    while "$ref" in node:
+        ref = node["$ref"]
+        if not ref.startswith("#/"):
+            raise ValueError(f"$ref {ref!r}: only references inside the schema are supported")
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        seen += 1
+        if seen > 32:
+            raise ValueError(f"$ref {ref!r}: recursive schemas cannot be a column type")
+    return node
+
+
+def json_schema_arrow_type(node: dict[str, Any], root: dict[str, Any]) -> pa.DataType:
+    """The Arrow type a JSON Schema node's values are stored as.
+
+    string -> string (`format: date` -> date32, `format: date-time` -> timestamp UTC),
+    integer -> int64, number -> float64, boolean -> bool, object with properties ->
+    struct, array -> list; an optional value (`anyOf` with null) is its type, nullable.
+    Anything without one Arrow type (mixed unions, free-form objects) is kept as JSON text.
+    """
+    node = _resolve(node, root)
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            options = [_resolve(o, root) for o in node[key]]
+            options = [o for o in options if o.get("type") != "null"]
+            if len(options) == 1:
+                return json_schema_arrow_type(options[0], root)
+            return pa.string()
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"]
+        kind = kinds[0] if len(kinds) == 1 else None
+    if kind is None and "enum" in node:
+        kinds = {type(v) for v in node["enum"] if v is not None}
+        kind = "string" if kinds == {str} else None
+    if kind is None and "const" in node and isinstance(node["const"], str):
+        kind = "string"
+    if kind == "string":
+        fmt = node.get("format")
+        if fmt == "date":
+            return pa.date32()
+        if fmt == "date-time":
+            return pa.timestamp("us", tz="UTC")
+        return pa.string()
+    if kind == "integer":
+        return pa.int64()
+    if kind == "number":
+        return pa.float64()
+    if kind == "boolean":
+        return pa.bool_()
+    if kind == "object" and node.get("properties"):
+        return pa.struct([
+            pa.field(name, json_schema_arrow_type(sub, root))
+            for name, sub in node["properties"].items()
+        ])
+    if kind == "array" and isinstance(node.get("items"), dict):
+        return pa.list_(json_schema_arrow_type(node["items"], root))
+    return pa.string()
+
+
+def task_fields(task: str, classify=None, extract=None) -> list[pa.Field]:
+    """The typed result columns a task adds before `output_text` (none for `generate`)."""
+    if task == "classify":
+        return CLASSIFY_FIELDS + ([LABEL_PROBABILITY_FIELD] if classify.probability else [])
+    if task == "extract":
+        schema = extract.schema_dict
+        return [pa.field(name, json_schema_arrow_type(node, schema))
+                for name, node in schema["properties"].items()]
+    return []

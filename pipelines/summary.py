@@ -38,3 +38,76 @@ def result_totals(results: pl.LazyFrame, id_column: str) -> dict:
     )
     row["errors_by_kind"] = {r["kind"]: r["len"] for r in errors.iter_rows(named=True)}
     return row
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 6) if den else None
+
+
+def classification_quality(results: pl.LazyFrame, truth: str, labels: list[str], predicted: str = "label") -> dict:
+    """Accuracy, per-label precision/recall/F1 and the confusion matrix against a truth column.
+
+    Records whose truth is null are left out; a record with no label (an error)
+    counts as wrong and appears in the matrix's `(none)` column.
+    """
+    pairs = (
+        results.filter(pl.col(truth).is_not_null())
+        .select(pl.col(truth).cast(pl.String).alias("truth"), pl.col(predicted).fill_null("(none)").alias("pred"))
+        .group_by("truth", "pred")
+        .len()
+        .collect()
+    )
+    counts = {(r["truth"], r["pred"]): r["len"] for r in pairs.iter_rows(named=True)}
+    total = sum(counts.values())
+    correct = sum(n for (t, p), n in counts.items() if t == p)
+    truths = sorted({t for t, _ in counts}, key=lambda v: (v not in labels, labels.index(v) if v in labels else v))
+    columns = [*labels, *sorted({p for _, p in counts} - set(labels) - {"(none)"}), "(none)"]
+    per_label = {}
+    for label in labels:
+        tp = counts.get((label, label), 0)
+        predicted_n = sum(n for (_, p), n in counts.items() if p == label)
+        actual_n = sum(n for (t, _), n in counts.items() if t == label)
+        precision, recall = _ratio(tp, predicted_n), _ratio(tp, actual_n)
+        f1 = (round(2 * precision * recall / (precision + recall), 6)
+              if precision is not None and recall is not None and precision + recall > 0 else None)
+        per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual_n,
+                            "predicted": predicted_n}
+    return {
+        "truth_column": truth,
+        "records_with_truth": total,
+        "correct": correct,
+        "accuracy": _ratio(correct, total),
+        "per_label": per_label,
+        "confusion_matrix": {"rows": "truth", "columns": "predicted",
+                             "counts": {t: {p: counts.get((t, p), 0) for p in columns} for t in truths}},
+    }
+
+
+def extraction_quality(results: pl.LazyFrame, truth_columns: dict[str, str]) -> dict:
+    """Per-field exact-match rate against truth columns (truth cast to the field's type).
+
+    Records whose truth is null are left out; a record that failed (null field)
+    counts as a miss.
+    """
+    schema = results.collect_schema()
+    exprs = []
+    for field, truth in truth_columns.items():
+        has_truth = pl.col(truth).is_not_null()
+        match = pl.col(field).eq_missing(pl.col(truth).cast(schema[field], strict=False)) & has_truth
+        exprs += [has_truth.sum().alias(f"{field}\0n"), match.sum().alias(f"{field}\0ok")]
+    row = results.select(exprs).collect().row(0, named=True) if exprs else {}
+    fields = {}
+    for field, truth in truth_columns.items():
+        n, ok = row[f"{field}\0n"], row[f"{field}\0ok"]
+        fields[field] = {"truth_column": truth, "compared": n, "matched": ok, "exact_match_rate": _ratio(ok, n)}
+    rates = [f["exact_match_rate"] for f in fields.values() if f["exact_match_rate"] is not None]
+    return {"fields": fields, "mean_exact_match_rate": round(sum(rates) / len(rates), 6) if rates else None}
+
+
+def quality(results: pl.LazyFrame, spec) -> dict | None:
+    """The job's quality figures where its spec names truth columns; None otherwise."""
+    if spec.task == "classify" and spec.classify.label_column:
+        return classification_quality(results, spec.classify.label_column, spec.classify.names)
+    if spec.task == "extract" and spec.extract.truth_columns:
+        return extraction_quality(results, spec.extract.truth_columns)
+    return None

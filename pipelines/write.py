@@ -10,8 +10,10 @@ import pyarrow as pa
 from pipelines.schema import RESULT_FIELDS, TOKEN_ID_FIELDS
 
 
-def result_schema(input_schema: pa.Schema, id_column: str, passthrough: list[str], token_ids: bool) -> pa.Schema:
-    fields = [input_schema.field(id_column), *(input_schema.field(c) for c in passthrough), *RESULT_FIELDS]
+def result_schema(input_schema: pa.Schema, id_column: str, carried: list[str], token_ids: bool,
+                  task_fields: list[pa.Field] = ()) -> pa.Schema:
+    """The results' columns: the id, the carried input columns, the task's typed columns, then `RESULT_FIELDS`."""
+    fields = [input_schema.field(id_column), *(input_schema.field(c) for c in carried), *task_fields, *RESULT_FIELDS]
     return pa.schema(fields + (TOKEN_ID_FIELDS if token_ids else []))
 
 

@@ -38,7 +38,7 @@ def llama4_tokenizer_path() -> str:
 
 def render(table, tokenizer_path, storage=None):
     return render_batch(table, tokenizer_path=tokenizer_path, system=None, user=USER, id_column="id",
-                        max_prompt_tokens=1000, image_column="image_ref", storage=storage or StorageOptions())
+                        max_model_len=1048, max_tokens=48, image_column="image_ref", storage=storage or StorageOptions())
 
 
 def test_user_message_is_an_image_part_then_the_text():

@@ -12,7 +12,7 @@ USER = "Subject: {subject}\n\n{body}"
 
 def render(table, model_path, max_prompt_tokens=2000):
     return render_batch(table, tokenizer_path=str(model_path), system=SYSTEM, user=USER, id_column="id",
-                        max_prompt_tokens=max_prompt_tokens)
+                        max_model_len=max_prompt_tokens + 48, max_tokens=48)
 
 
 def test_token_counts_match_the_chat_template(model_path):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.samples.tickets import CATEGORIES, make_tickets, write_shards
+from pipelines.samples import write_shards
+from pipelines.samples.tickets import CATEGORIES, make_tickets
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data/samples/tickets"
 

@@ -7,8 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.config.task import ClassifySpec, ExtractSpec
 from pipelines.schema import RESERVED_NAMES
 from pipelines.storage import StorageOptions
+
+
+OPENAI_ID = "custom_id"
 
 
 def template_fields(template: str) -> list[str]:
@@ -31,12 +35,31 @@ class InputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(..., description="A Parquet file or folder of shards: local path, `s3://` or `gs://`.")
-    format: Literal["parquet"] = Field("parquet", description="Input format.")
-    id_column: str = Field(..., description="Column that identifies each record; copied to the output.")
+    path: str = Field(..., description="A file or folder of shards: local path, `s3://` or `gs://`.")
+    format: Literal["parquet", "openai_batch"] = Field(
+        "parquet", description="`parquet` (one record a row), or `openai_batch`: OpenAI Batch API request "
+        "files (`.jsonl`, one chat-completion request a line); their messages replace `prompt`, their "
+        "parameters override `sampling`, and `custom_id` is the id.",
+    )
+    id_column: str | None = Field(
+        None, description="Column that identifies each record; copied to the output. Required for Parquet; "
+        "`custom_id` for OpenAI batch files.",
+    )
     columns: list[str] | None = Field(
         None, description="Columns to read; default: the id, the template's placeholders and the passthrough columns."
     )
+
+    @model_validator(mode="after")
+    def _id_column(self) -> "InputSpec":
+        if self.format == "openai_batch":
+            if self.id_column not in (None, OPENAI_ID):
+                raise ValueError(f"id_column: OpenAI batch files are keyed by {OPENAI_ID!r}")
+            if self.columns is not None:
+                raise ValueError("columns: OpenAI batch files have a fixed layout; leave it out")
+            self.id_column = OPENAI_ID
+        elif self.id_column is None:
+            raise ValueError("id_column: required for Parquet input")
+        return self
 
 
 class PromptSpec(BaseModel):
@@ -50,6 +73,10 @@ class PromptSpec(BaseModel):
         None,
         description="Column holding an image (bytes, or a local path / `s3://` / `gs://` URI) that goes "
         "before the text in the user message; for multimodal engine profiles.",
+    )
+    task_instructions: bool = Field(
+        True, description="For `classify` and `extract`: append the labels (with their descriptions) or the "
+        "JSON Schema to the system message, so the model knows what decoding will allow.",
     )
 
     @field_validator("system", "user")
@@ -107,6 +134,10 @@ class OutputSpec(BaseModel):
         False, description="Also write `prompt_token_ids` and `output_token_ids` (audits, debugging)."
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+    format: Literal["parquet", "openai_batch"] = Field(
+        "parquet", description="`openai_batch` also writes `output.jsonl` and `errors.jsonl` in the OpenAI Batch "
+        "API's output shape beside the Parquet results; every record is in exactly one of the two.",
+    )
 
     @field_validator("passthrough")
     @classmethod
@@ -140,8 +171,14 @@ class JobSpec(BaseModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Job name; part of every run id.")
     description: str = Field("", description="Free text for people reading the spec.")
     engine: str = Field(..., description="Engine profile name, found as `conf/engines/<engine>.yaml`.")
+    task: Literal["generate", "classify", "extract"] = Field(
+        "generate", description="`generate`: free text. `classify`: one label of `classify.labels`. "
+        "`extract`: typed fields of `extract`'s JSON Schema. The last two constrain decoding to what they allow.",
+    )
+    classify: ClassifySpec | None = Field(None, description="The labels, for `task: classify`.")
+    extract: ExtractSpec | None = Field(None, description="The fields, for `task: extract`.")
     input: InputSpec
-    prompt: PromptSpec
+    prompt: PromptSpec | None = Field(None, description="The messages; required unless the input is OpenAI batch files.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     lora: LoraSpec | None = Field(None, description="A LoRA adapter for the whole job; none means the base model.")
@@ -154,17 +191,65 @@ class JobSpec(BaseModel):
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store access.")
 
     @property
+    def id_column(self) -> str:
+        return self.input.id_column  # set by InputSpec's validator
+
+    @property
+    def prompt_columns(self) -> list[str]:
+        return self.prompt.columns if self.prompt else []
+
+    @property
+    def truth_columns(self) -> list[str]:
+        """Input columns holding known answers, for the summary's quality figures."""
+        if self.task == "classify" and self.classify.label_column:
+            return [self.classify.label_column]
+        if self.task == "extract":
+            return list(dict.fromkeys(self.extract.truth_columns.values()))
+        return []
+
+    @property
+    def carried_columns(self) -> list[str]:
+        """Input columns copied to the results after the id: passthrough, truth, the request file's line."""
+        extra = ["line"] if self.input.format == "openai_batch" else []
+        return list(dict.fromkeys([*self.output.passthrough, *self.truth_columns, *extra]))
+
+    @property
     def read_columns(self) -> list[str]:
         """Every input column the job needs, the id first."""
-        wanted = self.input.columns or [*self.prompt.columns, *self.output.passthrough]
-        return [self.input.id_column, *[c for c in dict.fromkeys(wanted) if c != self.input.id_column]]
+        if self.input.format == "openai_batch":
+            from pipelines.openai_batch import STAGED_COLUMNS
+
+            return list(STAGED_COLUMNS)
+        wanted = self.input.columns or [*self.prompt_columns, *self.carried_columns]
+        return [self.id_column, *[c for c in dict.fromkeys(wanted) if c != self.id_column]]
 
     @model_validator(mode="after")
-    def _columns_are_read(self) -> "JobSpec":
-        if self.input.id_column in RESERVED_NAMES:
-            raise ValueError(f"input.id_column {self.input.id_column!r} clashes with a result column of that name")
+    def _consistent(self) -> "JobSpec":
+        if self.id_column in RESERVED_NAMES:
+            raise ValueError(f"input.id_column {self.id_column!r} clashes with a result column of that name")
+        for kind in ("classify", "extract"):
+            if (self.task == kind) != (getattr(self, kind) is not None):
+                raise ValueError(f"{kind}: give this section exactly when task is {kind!r} (task is {self.task!r})")
+        if self.input.format == "openai_batch":
+            if self.prompt is not None:
+                raise ValueError("prompt: OpenAI batch files carry their own messages; leave prompt out")
+            if self.task != "generate":
+                raise ValueError("task: OpenAI batch requests set their own response_format; use task: generate")
+        elif self.prompt is None:
+            raise ValueError("prompt: required key is missing")
         if self.input.columns is not None:
-            missing = [c for c in [*self.prompt.columns, *self.output.passthrough] if c not in self.input.columns]
+            missing = [c for c in [*self.prompt_columns, *self.carried_columns] if c not in self.input.columns]
             if missing:
-                raise ValueError(f"input.columns lacks {missing}, which the prompt or output.passthrough use")
+                raise ValueError(f"input.columns lacks {missing}, which the prompt, output.passthrough or "
+                                 "the truth columns use")
+        if self.task == "extract":
+            taken = {self.id_column, *self.carried_columns, *RESERVED_NAMES}
+            clash = [f for f in self.extract.fields if f in taken]
+            if clash:
+                raise ValueError(f"extract: fields {clash} clash with the id, carried or result columns of that name")
+        if self.task == "classify":
+            taken = {self.id_column, *self.carried_columns}
+            clash = [c for c in ("label", "label_probability") if c in taken]
+            if clash:
+                raise ValueError(f"classify: input columns {clash} clash with the result columns of that name")
         return self

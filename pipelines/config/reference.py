@@ -18,7 +18,7 @@ END = "<!-- config-reference:end -->"
 def _type_name(annotation) -> str:
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
     for noise in ("typing.", "pydantic.types.", "datetime.", "pipelines.storage.", "pipelines.config.job.",
-                  "pipelines.config.engine.", "pipelines.config.prices."):
+                  "pipelines.config.engine.", "pipelines.config.prices.", "pipelines.config.task."):
         text = text.replace(noise, "")
     return text.replace("NoneType", "None").replace("|", "\\|")
 
@@ -39,6 +39,9 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         key = f"{prefix}{name}"
         nested = _nested_model(field.annotation)
         if nested is not None:
+            if typing.get_origin(field.annotation) is list:
+                rows.append(f"| `{key}` | list | required | {(field.description or '').replace('|', '/')} |")
+                key += "[]"
             rows.extend(_rows(nested, key + "."))
             continue
         if field.default is PydanticUndefined and field.default_factory is None:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from pathlib import Path
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 PRODUCTS = ["Acme Router X2", "Acme Cloud Backup", "Acme Smart Thermostat", "Acme Mobile App", "Acme Pro Plan"]
 CHANNELS = ["email", "chat", "web_form", "phone_transcript"]
@@ -106,15 +103,3 @@ def make_tickets(n: int = 300, seed: int = 20261128) -> pa.Table:
         ]
     )
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-def write_shards(table: pa.Table, out_dir: Path, shards: int = 4) -> list[Path]:
-    """Split `table` into `shards` Parquet files `part-0000N.parquet` under `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per = -(-table.num_rows // shards)
-    paths = []
-    for k in range(shards):
-        path = out_dir / f"part-{k:05d}.parquet"
-        pq.write_table(table.slice(k * per, per), path, compression="zstd")
-        paths.append(path)
-    return paths

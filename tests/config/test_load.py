@@ -75,8 +75,11 @@ def test_unknown_key_from_set_is_named():
 
 
 def test_missing_required_key_is_named(conf):
-    path = edit(conf / "jobs/ticket_triage.yaml", lambda d: d["input"].pop("id_column"))
-    with pytest.raises(ConfigError, match=r"input\.id_column: required key is missing"):
+    path = edit(conf / "jobs/ticket_triage.yaml", lambda d: d["input"].pop("path"))
+    with pytest.raises(ConfigError, match=r"input\.path: required key is missing"):
+        load_job(path)
+    path = edit(conf / "jobs/ticket_triage.yaml", lambda d: d["input"].update(path="data/", id_column=None))
+    with pytest.raises(ConfigError, match=r"input: id_column: required for Parquet input"):
         load_job(path)
 
 
