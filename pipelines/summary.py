@@ -83,6 +83,16 @@ def classification_quality(results: pl.LazyFrame, truth: str, labels: list[str],
     }
 
 
+def _truth_as(truth: str, truth_type: pl.DataType, field_type: pl.DataType) -> pl.Expr:
+    """The truth column in the field's type; text truth for a date or time field is parsed (ISO 8601)."""
+    col = pl.col(truth)
+    if truth_type == pl.String and field_type == pl.Date:
+        return col.str.to_date(strict=False)
+    if truth_type == pl.String and isinstance(field_type, pl.Datetime):
+        return col.str.to_datetime(strict=False, time_zone="UTC").cast(field_type, strict=False)
+    return col.cast(field_type, strict=False)
+
+
 def extraction_quality(results: pl.LazyFrame, truth_columns: dict[str, str]) -> dict:
     """Per-field exact-match rate against truth columns (truth cast to the field's type).
 
@@ -93,7 +103,7 @@ def extraction_quality(results: pl.LazyFrame, truth_columns: dict[str, str]) -> 
     exprs = []
     for field, truth in truth_columns.items():
         has_truth = pl.col(truth).is_not_null()
-        match = pl.col(field).eq_missing(pl.col(truth).cast(schema[field], strict=False)) & has_truth
+        match = pl.col(field).eq_missing(_truth_as(truth, schema[truth], schema[field])) & has_truth
         exprs += [has_truth.sum().alias(f"{field}\0n"), match.sum().alias(f"{field}\0ok")]
     row = results.select(exprs).collect().row(0, named=True) if exprs else {}
     fields = {}
