@@ -59,13 +59,18 @@ def prompt_ids(job: Job, table: pa.Table, tokenizer_path: str) -> list[list[int]
     return rendered.column("prompt_token_ids").to_pylist()
 
 
-def raw_side(args_file: str) -> None:
-    """The child process: start the engine, generate everything in one call, print figures as JSON."""
+def child_side(args_file: str) -> None:
+    """The child process: `raw` (the pipeline bench's raw side) or `constrained` (the task bench)."""
+    args = json.loads(Path(args_file).read_text())
+    (constrained_side if args.get("mode") == "constrained" else raw_side)(args)
+
+
+def raw_side(args: dict) -> None:
+    """Start the engine, generate everything in one call, print figures as JSON."""
     from pipelines.config.engine import EngineProfile
     from pipelines.config.job import SamplingSpec
     from pipelines.generate import generate_ids, make_llm, sampling_params
 
-    args = json.loads(Path(args_file).read_text())
     profile = EngineProfile.model_validate(args["profile"])
     t0 = time.perf_counter()
     llm = make_llm(profile, args["model_path"], args["tokenizer_path"])
@@ -80,25 +85,140 @@ def raw_side(args_file: str) -> None:
     ), flush=True)
 
 
-def run_raw(job: Job, prompts: list[list[int]], model_path: str, tokenizer_path: str, workdir: Path) -> dict:
-    args_file = workdir / "raw-args.json"
-    args_file.write_text(json.dumps({
-        "profile": job.engine.model_dump(mode="json"),
-        "sampling": job.spec.sampling.model_dump(mode="json"),
-        "model_path": model_path,
-        "tokenizer_path": tokenizer_path,
-        "prompts": prompts,
-    }))
+def _is_answer(text: str, labels: set[str], schema: dict | None) -> bool:
+    """Whether an output is a usable answer: one of the labels, or JSON that validates against the schema."""
+    if schema is None:
+        return text.strip() in labels
+    from jsonschema import Draft202012Validator
+
+    try:
+        return Draft202012Validator(schema).is_valid(json.loads(text))
+    except ValueError:
+        return False
+
+
+def constrained_side(args: dict) -> None:
+    """One engine; the same prompts unconstrained and constrained, alternating, `repeats` times each."""
+    from pipelines.config.engine import EngineProfile
+    from pipelines.config.job import SamplingSpec
+    from pipelines.generate import generate_ids, make_llm, sampling_params
+
+    profile = EngineProfile.model_validate(args["profile"])
+    t0 = time.perf_counter()
+    # Without prefix caching every pass pays the same prefill, whichever ran first.
+    llm = make_llm(profile, args["model_path"], args["tokenizer_path"], enable_prefix_caching=False)
+    start_s = time.perf_counter() - t0
+    spec = SamplingSpec.model_validate(args["sampling"])
+    params = {"unconstrained": sampling_params(spec), "constrained": sampling_params(spec, structured=args["structured"])}
+    prompts = args["prompts"]
+    generate_ids(llm, prompts[:8], params["constrained"])  # warm-up: compiles the grammar once
+    figures = {side: {"seconds": 0.0, "requests": 0, "output_tokens": 0, "valid": 0} for side in params}
+    labels, schema = set(args.get("labels") or []), args.get("schema")
+    for _ in range(args["repeats"]):
+        for side, p in params.items():
+            t1 = time.perf_counter()
+            outputs = generate_ids(llm, prompts, p)
+            f = figures[side]
+            f["seconds"] += time.perf_counter() - t1
+            f["requests"] += len(outputs)
+            f["output_tokens"] += sum(len(o.outputs[0].token_ids) for o in outputs)
+            f["valid"] += sum(_is_answer(o.outputs[0].text, labels, schema) for o in outputs)
+    print("TOKENMILL_BENCH " + json.dumps({"engine_start_s": start_s, **figures}), flush=True)
+
+
+def run_child(job: Job, workdir: Path, payload: dict) -> dict:
+    """Run a bench side in a child process with the engine actors' environment; its figures as a dict."""
+    args_file = workdir / "child-args.json"
+    args_file.write_text(json.dumps(payload))
     env = {**os.environ, **actor_env(job.engine)}
     proc = subprocess.run([sys.executable, "-m", "pipelines.bench", str(args_file)], env=env,
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENMILL_BENCH ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"raw vLLM side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    raw = json.loads(lines[-1].removeprefix("TOKENMILL_BENCH "))
+        raise RuntimeError(f"bench child process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("TOKENMILL_BENCH "))
+
+
+def run_raw(job: Job, prompts: list[list[int]], model_path: str, tokenizer_path: str, workdir: Path) -> dict:
+    raw = run_child(job, workdir, {
+        "profile": job.engine.model_dump(mode="json"),
+        "sampling": job.spec.sampling.model_dump(mode="json"),
+        "model_path": model_path,
+        "tokenizer_path": tokenizer_path,
+        "prompts": prompts,
+    })
     raw["output_tokens_per_s"] = raw["output_tokens"] / raw["steady_s"]
     raw["requests_per_s"] = raw["requests"] / raw["steady_s"]
     return raw
+
+
+def run_task_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None, rows: int = 256,
+                   repeats: int = 2) -> dict[str, Any]:
+    """Constrained against unconstrained decoding on the same `rows` prompts of a classify or extract job.
+
+    One engine serves both sides, alternating `repeats` times, so they share the
+    machine's state; the sampling is the job's, constraint aside.
+    """
+    from pipelines.generate import structured_outputs
+
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
+        workdir = Path(tmp)
+        job = load_job(job_path, overrides=overrides, conf_dir=conf_dir)
+        if job.spec.task == "generate":
+            raise ValueError(f"{job_path}: task is generate; --task bench needs a classify or extract job")
+        table = bench_input(job, rows, workdir / "input")
+        model_path, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
+        figures = run_child(job, workdir, {
+            "mode": "constrained",
+            "profile": job.engine.model_dump(mode="json"),
+            "sampling": job.spec.sampling.model_dump(mode="json"),
+            "structured": structured_outputs(job.spec),
+            "labels": job.spec.classify.names if job.spec.classify else None,
+            "schema": job.spec.extract.schema_dict if job.spec.extract else None,
+            "model_path": model_path,
+            "tokenizer_path": tokenizer_path,
+            "prompts": prompt_ids(job, table, tokenizer_path),
+            "repeats": repeats,
+        })
+    for side in ("unconstrained", "constrained"):
+        f = figures[side]
+        f["requests_per_s"] = f["requests"] / f["seconds"]
+        f["output_tokens_per_s"] = f["output_tokens"] / f["seconds"]
+        f["output_tokens_per_request"] = f["output_tokens"] / f["requests"]
+        f["valid_share"] = f["valid"] / f["requests"]
+    u, c = figures["unconstrained"], figures["constrained"]
+    return {
+        "job": job.spec.name,
+        "task": job.spec.task,
+        "engine": job.engine.name,
+        "rows": rows,
+        "repeats": repeats,
+        "max_tokens": job.spec.sampling.max_tokens,
+        "engine_start_s": figures["engine_start_s"],
+        "unconstrained": u,
+        "constrained": c,
+        "ratio_requests_per_s": c["requests_per_s"] / u["requests_per_s"],
+        "ratio_output_tokens_per_s": c["output_tokens_per_s"] / u["output_tokens_per_s"],
+    }
+
+
+def format_task_bench(r: dict[str, Any]) -> str:
+    lines = [
+        f"tokenmill bench --task {r['task']}: {r['job']} on {r['engine']}, {r['rows']} prompts x {r['repeats']} "
+        f"passes per side, max_tokens {r['max_tokens']}",
+        f"  {'decoding':<16}{'requests/s':>12}{'output tok/s':>14}{'tokens/request':>16}"
+        + f"{'usable answers':>16}",
+    ]
+    for side in ("unconstrained", "constrained"):
+        f = r[side]
+        lines.append(f"  {side:<16}{f['requests_per_s']:>12.2f}{f['output_tokens_per_s']:>14.1f}"
+                     f"{f['output_tokens_per_request']:>16.2f}"
+                     + f"{f['valid_share']:>16.1%}")
+    lines += [
+        f"  ratio constrained/unconstrained, requests/s: {r['ratio_requests_per_s']:.3f}",
+        f"  ratio constrained/unconstrained, output tokens/s: {r['ratio_output_tokens_per_s']:.3f}",
+    ]
+    return "\n".join(lines)
 
 
 def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None, rows: int = 512,
@@ -158,4 +278,4 @@ def format_bench(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    raw_side(sys.argv[1])
+    child_side(sys.argv[1])

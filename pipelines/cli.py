@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.errors import TokenmillError
+from pipelines.errors import ConfigError, TokenmillError
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -50,11 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--shards", type=int, default=4)
         one.add_argument("--seed", type=int, default=20261128)
 
-    bench = sub.add_parser("bench", help="raw vLLM against the full pipeline on the same prompts")
-    bench.add_argument("job", type=Path, nargs="?", default=Path("conf/jobs/ticket_triage.yaml"))
+    bench = sub.add_parser("bench", help="raw vLLM against the full pipeline on the same prompts; with --task, "
+                                         "constrained against unconstrained decoding")
+    bench.add_argument("job", type=Path, nargs="?",
+                       help="default conf/jobs/ticket_triage.yaml; with --task, review_sentiment or invoice_fields")
+    bench.add_argument("--task", choices=["classify", "extract"],
+                       help="compare constrained and unconstrained decoding on the job's prompts, in one engine")
+    bench.add_argument("--repeats", type=int, default=2, help="--task: passes per side, alternating")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     bench.add_argument("--conf-dir", type=Path)
-    bench.add_argument("--rows", type=int, default=512, help="prompts per side (the sample rows, repeated)")
+    bench.add_argument("--rows", type=int, help="prompts per side (the job's input rows, repeated); default 512; "
+                                                 "with --task, 128 (classify) or 64 (extract)")
     bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
     bench.add_argument("--json", type=Path, help="also write the figures to this file")
     sub.add_parser("reference", help="print the configuration reference (markdown) from the config models")
@@ -141,11 +147,20 @@ def _cmd_samples(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipelines.bench import format_bench, run_bench
+    from pipelines.bench import format_bench, format_task_bench, run_bench, run_task_bench
 
-    result = run_bench(args.job, overrides=args.overrides, conf_dir=args.conf_dir, rows=args.rows,
-                       max_tokens=args.max_tokens)
-    print(format_bench(result))
+    if args.task:
+        job = args.job or Path("conf/jobs") / {"classify": "review_sentiment", "extract": "invoice_fields"}[args.task]
+        job = job.with_suffix(".yaml") if not job.suffix else job
+        result = run_task_bench(job, overrides=args.overrides, conf_dir=args.conf_dir, rows=args.rows or {"classify": 128, "extract": 64}[args.task],
+                                repeats=args.repeats)
+        if result["task"] != args.task:
+            raise ConfigError(f"{job}: task is {result['task']!r}, not {args.task!r}")
+        print(format_task_bench(result))
+    else:
+        result = run_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                           conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens)
+        print(format_bench(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -25,3 +25,16 @@ def test_bench_compares_raw_vllm_and_pipeline(ray_cluster, model_path, tmp_path,
     assert figures["raw_vllm"]["output_tokens_per_s"] > 0 and figures["pipeline"]["output_tokens_per_s"] > 0
     ratio = figures["pipeline"]["output_tokens_per_s"] / figures["raw_vllm"]["output_tokens_per_s"]
     assert figures["ratio_pipeline_to_raw"] == pytest.approx(ratio)
+
+
+@pytest.mark.engine
+def test_task_bench_compares_constrained_and_unconstrained_decoding(model_path, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--task", "classify", "--rows", "12", "--repeats", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratio constrained/unconstrained, requests/s" in printed
+    figures = json.loads(out.read_text())
+    u, c = figures["unconstrained"], figures["constrained"]
+    assert u["requests"] == c["requests"] == 12
+    assert c["valid_share"] == 1.0, "constrained decoding must always give one of the labels"
+    assert figures["ratio_requests_per_s"] == pytest.approx(c["requests_per_s"] / u["requests_per_s"])

@@ -178,3 +178,50 @@ def test_cli_prints_the_message_without_a_traceback(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "input.colums: unknown key" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task=classify"], r"classify: give this section exactly when task is 'classify'"),
+    (["classify.labels=[a, b]"], r"classify: give this section exactly when task is 'classify' \(task is 'generate'\)"),
+    (["task=classify", "classify.labels=[a, a, b]"], r"classify\.labels: labels repeated: \['a'\]"),
+    (["task=classify", "classify.labels=[only]"], r"classify\.labels: List should have at least 2 items"),
+    (["task=extract", "extract.model=pipelines.samples.invoices:Nope"], r"has no 'Nope'"),
+    (["task=extract", "extract.model=no_such_module:Model"], r"cannot import 'no_such_module'"),
+    (["task=extract", "extract.model=pipelines.samples.invoices:Invoice",
+      "extract.json_schema={type: object}"], r"give exactly one of json_schema and model"),
+    (["task=extract", "extract.json_schema={type: object, properties: {a: {type: nope}}}"],
+     r"extract: not a valid JSON Schema"),
+    (["task=extract", "extract.json_schema={type: array}"], r"must be `type: object` with `properties`"),
+    (["task=extract", "extract.json_schema={type: object, properties: {channel: {type: string}}}"],
+     r"extract: fields \['channel'\] clash"),
+    (["task=extract", "extract.json_schema={type: object, properties: {team: {type: string}}}",
+      "extract.truth_columns={teem: true_category}"], r"truth_columns names fields the schema lacks: \['teem'\]"),
+    (["input.format=openai_batch"], r"input: id_column: OpenAI batch files are keyed by 'custom_id'"),
+    (["input.format=openai_batch", "input.id_column=null"], r"prompt: OpenAI batch files carry their own messages"),
+])
+def test_task_and_format_mistakes_are_refused_with_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=overrides)
+
+
+def test_classify_and_extract_specs_resolve(tmp_path):
+    job = load_job(CONF / "jobs/ticket_triage.yaml", overrides=[
+        "task=extract", "extract.json_schema={type: object, properties: {team: {type: string}, urgent: {type: boolean}}}",
+        "extract.truth_columns={team: true_category}"])
+    assert job.spec.extract.fields == ["team", "urgent"] and job.spec.truth_columns == ["true_category"]
+    job = load_job(CONF / "jobs/review_sentiment.yaml")
+    assert job.spec.classify.names == ["positive", "negative", "neutral"]
+    assert job.spec.read_columns == ["review_id", "product", "title", "text", "true_sentiment"]
+    job = load_job(CONF / "jobs/invoice_fields.yaml")
+    assert job.spec.extract.schema_dict["properties"]["invoice_date"]["format"] == "date"
+    assert job.spec.carried_columns == ["true_invoice_number", "true_vendor", "true_invoice_date", "true_currency",
+                                        "true_total"]
+
+
+def test_a_missing_truth_column_is_named_before_any_engine_starts(tmp_path):
+    from pipelines.errors import InputError
+    from pipelines.read import plan_input
+
+    job = load_job(CONF / "jobs/review_sentiment.yaml", overrides=["classify.label_column=stars"])
+    with pytest.raises(InputError, match=r"column 'stars' \(classify\.label_column\) is missing"):
+        plan_input(job.spec, job.spec.storage.resolved())
