@@ -7,8 +7,11 @@ Run by `infra/gpu-check/run.sh` (which installs the CUDA build first). Steps:
 2. run the sample ticket job through the pipeline on the text model with FP8
    weights, tensor parallel 1 (the same code and profile keys as Scout and Maverick);
 3. run an image job (synthetic product photos as Parquet bytes) on the vision model;
-4. run `vllm bench throughput` on the same text model and prompt shape;
-5. print the figures side by side; exit non-zero on any failure.
+4. run the classify and extract sample jobs on the text model: structured outputs
+   (xgrammar on GPU) must give a label for every review, and every invoice must
+   validate or carry a parse error (random weights ramble);
+5. run `vllm bench throughput` on the same text model and prompt shape;
+6. print the figures side by side; exit non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -67,12 +70,14 @@ def product_photos(out: Path, n: int = 64) -> None:
     pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
 
 
-def run_job(conf: Path, job: Path, run_id: str, *overrides: str) -> dict:
+def run_job(conf: Path, job: Path, run_id: str, *overrides: str, all_ok: bool = True) -> dict:
     from pipelines.config import load_job
     from pipelines.runner import run_job as run
 
     summary = run(load_job(job, overrides=list(overrides), conf_dir=conf), run_id=run_id, progress=False)
-    if summary["records_ok"] != summary["records_in"]:
+    if summary["records_out"] != summary["records_in"]:
+        raise SystemExit(f"{run_id}: {summary['records_in']} records in but {summary['records_out']} out")
+    if all_ok and summary["records_ok"] != summary["records_in"]:
         raise SystemExit(f"{run_id}: {summary['records_failed']} of {summary['records_in']} records failed: "
                          f"{summary['errors_by_kind']}")
     return summary
@@ -115,6 +120,13 @@ def main() -> int:
         if images["prompt_tokens"] < images["records_in"] * 144:
             raise SystemExit(f"image job: {images['prompt_tokens']} prompt tokens for {images['records_in']} "
                              "images; image tokens were not counted")
+        engine = "engine=gpu-tiny-llama4-fp8"
+        labels = run_job(conf, conf / "jobs/review_sentiment.yaml", "gpu-classify", engine, f"output.path={out}",
+                         f"input.path={REPO / 'data/samples/reviews'}")
+        fields = run_job(conf, conf / "jobs/invoice_fields.yaml", "gpu-extract", engine, f"output.path={out}",
+                         f"input.path={REPO / 'data/samples/invoices'}", all_ok=False)
+        if set(fields["errors_by_kind"]) - {"parse"}:
+            raise SystemExit(f"extract job: errors other than parse errors: {fields['errors_by_kind']}")
         mean_prompt = round(tickets["prompt_tokens"] / tickets["records_in"])
         bench = vllm_bench(str(text_model), tickets["records_in"], mean_prompt, 48)
 
@@ -124,6 +136,9 @@ def main() -> int:
                                                "steady_output_tokens_per_s", "cost_usd")},
         "image_job": {k: images[k] for k in ("records_in", "records_ok", "prompt_tokens", "completion_tokens",
                                                "engine_start_s", "steady_output_tokens_per_s")},
+        "classify_job": {k: labels[k] for k in ("records_in", "records_ok", "steady_output_tokens_per_s")},
+        "extract_job": {k: fields[k] for k in ("records_in", "records_ok", "records_failed",
+                                                 "steady_output_tokens_per_s")},
         "vllm_bench_throughput": bench,
         "pipeline_to_vllm_bench": tickets["steady_output_tokens_per_s"] / bench["output_tokens_per_s"],
         "wall_s": round(time.perf_counter() - t0, 1),

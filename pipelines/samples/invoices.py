@@ -12,13 +12,17 @@ import random
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.samples import DEFAULT_SEED
 
 
 class Invoice(BaseModel):
     """The fields `invoice_fields` extracts (`extract.model: pipelines.samples.invoices:Invoice`)."""
+
+    # additionalProperties: false in the schema. xgrammar assumes it; guidance does
+    # not, and lets a small model append fields of its own until max_tokens.
+    model_config = ConfigDict(extra="forbid")
 
     # Length caps go into the decoding grammar: a small model that starts to
     # ramble inside a string is stopped there instead of at max_tokens.
