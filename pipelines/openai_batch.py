@@ -63,22 +63,27 @@ def request_files(uri: str, storage: StorageOptions) -> tuple[Any, list[str]]:
     """The `.jsonl` request files at `uri` (a file or a folder), as the filesystem names them."""
     fs, root = filesystem_for(uri, storage)
     try:
-        if not fs.exists(root):
-            raise InputError(f"input.path {uri}: no such file or folder")
-        files = sorted(p for p in fs.find(root) if p.endswith(".jsonl")) if fs.isdir(root) else [root]
-    except InputError:
-        raise
+        exists = fs.exists(root)
+        is_dir = exists and fs.isdir(root)
+        files = sorted(p for p in fs.find(root) if p.endswith(".jsonl")) if is_dir else [root]
     except Exception as exc:  # noqa: BLE001 - any store error is the user's to see, with the path
         raise InputError(f"input.path {uri}: cannot list it: {exc}") from None
+    if not exists:
+        raise InputError(f"input.path {uri}: no such file or folder")
     if not files:
         raise InputError(f"input.path {uri}: the folder holds no .jsonl request files")
     return fs, files
 
 
-def _lines(fs, path: str) -> Iterator[tuple[int, str]]:
+def _lines(fs, path: str) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, whether the line was valid UTF-8); an invalid byte becomes U+FFFD in the text."""
     with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            yield number, raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            try:
+                text, valid = raw.decode("utf-8"), True
+            except UnicodeDecodeError:
+                text, valid = raw.decode("utf-8", errors="replace"), False
+            yield number, text.rstrip("\r\n"), valid
 
 
 def _custom_id_of(text: str) -> str | None:
@@ -199,7 +204,7 @@ def stage_requests(spec: JobSpec, storage: StorageOptions, out_fs, staged_root: 
     fs, files = request_files(spec.input.path, storage)
     seen: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     for path in files:
-        for number, text in _lines(fs, path):
+        for number, text, _ in _lines(fs, path):
             if text.strip():
                 cid = _custom_id_of(text)
                 if cid is not None:
@@ -211,12 +216,14 @@ def stage_requests(spec: JobSpec, storage: StorageOptions, out_fs, staged_root: 
     for k, path in enumerate(files):
         name = path.rsplit("/", 1)[-1]
         rows = []
-        for number, text in _lines(fs, path):
+        for number, text, valid in _lines(fs, path):
             if not text.strip():
                 continue  # a blank line (often the last) is no request
             row = {"custom_id": _custom_id_of(text), "source": name, "line": number, "messages": None,
                    "request_params": None, "max_tokens": None, "reject": None}
             try:
+                if not valid:
+                    raise Reject("invalid_encoding", "the line is not valid UTF-8")
                 if row["custom_id"] in repeated:
                     lines = ", ".join(f"{s}:{n}" for s, n in repeated[row["custom_id"]])
                     raise Reject("duplicate_custom_id", f"custom_id {row['custom_id']!r} appears on lines {lines}")

@@ -58,7 +58,9 @@ def spec_file(tmp_path: Path, input_path: str, output_path: str) -> Path:
 
 
 def test_staging_keeps_every_line_and_says_why_bad_ones_cannot_be_served(tmp_path):
-    (tmp_path / "requests.jsonl").write_text("\n".join(request_lines()) + "\n")
+    lines = request_lines()
+    lines[14] = lines[14].replace("Route the ticket", "Route th\udcff ticket")  # a lone invalid byte
+    (tmp_path / "requests.jsonl").write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     job = load_job(spec_file(tmp_path, str(tmp_path / "requests.jsonl"), str(tmp_path / "out")),
                    conf_dir=REPO / "conf")
     fs = fsspec.filesystem("file")
@@ -72,8 +74,9 @@ def test_staging_keeps_every_line_and_says_why_bad_ones_cannot_be_served(tmp_pat
         assert "appears on lines requests.jsonl:7, requests.jsonl:8" in rejects[("req-006", line)]
     assert "body.n 3" in rejects[("req-009", 10)]
     assert "content part of type 'image_url'" in rejects[("req-011", 12)]
+    assert rejects[("req-013", 15)] == "invalid_encoding: line 15 of requests.jsonl: the line is not valid UTF-8"
     ok = [r for r in rows if not r["reject"]]
-    assert len(ok) == 18
+    assert len(ok) == 17
     first = ok[0]
     assert json.loads(first["messages"])[0] == {"role": "system", "content": "Route the ticket to a team."}
     assert first["max_tokens"] == 12 and json.loads(first["request_params"]) == {"max_tokens": 12, "temperature": 0}
