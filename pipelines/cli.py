@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a job: Parquet in, results Parquet and summary.json out")
     _add_job_args(run)
-    run.add_argument("--run-id", help="the run's id (default: <job>-<UTC time>-<random>)")
+    run.add_argument("--run-id", help="the run's id (default: <job>-<input folder>-<hash of spec and engine>, so "
+                                      "that a retry of the same job on the same input resumes the same run)")
+    run.add_argument("--resume", dest="resume", action="store_true", default=True,
+                     help="go on with an existing run of this id: skip its committed shards, redo the rest (default)")
+    run.add_argument("--no-resume", dest="resume", action="store_false", help="refuse a run id that already exists")
     run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
@@ -74,7 +78,8 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("run", s["run_id"]),
         ("job / engine", f"{s['job']} / {s['engine']} ({s['model']})"),
-        ("records in / ok / failed", f"{num(s['records_in'])} / {num(s['records_ok'])} / {num(s['records_failed'])}"),
+        ("records in / ok / failed", f"{num(s['records_in'])} / {num(s['records_ok'])} / {num(s['records_failed'])}"
+                                     f" ({num(s['records_rejected'])} rejected before or by the engine)"),
         ("tokens prompt / cached / output",
          f"{num(s['prompt_tokens'])} / {num(s['cached_prompt_tokens'])} / {num(s['completion_tokens'])}"),
         ("cost", f"${s['cost_usd']:.6f}"),
@@ -85,6 +90,11 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("errors_by_kind"):
         rows.insert(3, ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items())))
+    if s["input"].get("quarantined"):
+        rows.insert(3, ("quarantined shards", "; ".join(f"{q['path']}: {q['reason'][:120]}"
+                                                         for q in s["input"]["quarantined"])))
+    if s.get("resumed"):
+        rows.insert(1, ("resumed", f"yes: {s['shards_redone']} shard(s) run in this attempt"))
     q = s.get("quality")
     if q and "accuracy" in q:
         rows.append(("accuracy", f"{num(q['accuracy'], '.3f')} on {q['records_with_truth']:,} records "
@@ -104,12 +114,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.runner import run_job
 
     job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
-    summary = run_job(job, run_id=args.run_id, progress=not args.no_progress)
+    summary = run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print("\ntokenmill run summary\n" + format_summary(summary))
-    return 0 if summary["records_out"] == summary["records_in"] else 1
+    return 0 if summary["records_out"] + summary["records_rejected"] == summary["records_in"] else 1
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

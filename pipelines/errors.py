@@ -33,3 +33,9 @@ class EngineError(TokenmillError):
     """The inference engine failed as a whole (not one record)."""
 
     exit_code = 5
+
+
+class RunAborted(TokenmillError):
+    """The circuit breaker stopped a run: too many records failed. What was committed stays valid."""
+
+    exit_code = 6

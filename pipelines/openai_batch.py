@@ -277,16 +277,18 @@ def batch_output_line(row: dict[str, Any], *, id_column: str, run_id: str, creat
                   "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
 
 
-def write_batch_files(result_files: list[str], fs, run_root: str, *, id_column: str, run_id: str,
-                      created: int) -> dict[str, Any]:
-    """Turn the run's Parquet results into `output.jsonl` and `errors.jsonl`, streaming batch by batch."""
+def write_batch_files(result_files: list[str], reject_files: list[str], fs, run_root: str, *, id_column: str,
+                      run_id: str, created: int) -> dict[str, Any]:
+    """Turn the run's Parquet results and rejects into `output.jsonl` and `errors.jsonl`, batch by batch."""
     counts = {"output": 0, "errors": 0}
     output_path, errors_path = join(run_root, "output.jsonl"), join(run_root, "errors.jsonl")
     with fs.open(output_path, "w") as ok_file, fs.open(errors_path, "w") as err_file:
-        for path in result_files:
+        for path in [*result_files, *reject_files]:
             with fs.open(path, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
                     for row in batch.to_pylist():
+                        if "reason" in row:  # a reject: never generated
+                            row = {**row, "error": f"{row['reason']}: {row['message']}"}
                         ok, line = batch_output_line(row, id_column=id_column, run_id=run_id, created=created)
                         (ok_file if ok else err_file).write(json.dumps(line, ensure_ascii=False) + "\n")
                         counts["output" if ok else "errors"] += 1

@@ -1,7 +1,7 @@
 """The pipeline, composed in one place: read -> prompt -> generate -> parse -> account -> write.
 
-Building it only chains lazy Ray Data steps; nothing runs until the dataset is
-written, and the driver never holds the rows.
+Building it only chains lazy Ray Data steps; nothing runs until the driver
+iterates the write stage's small reports (`pipelines.runner`), and it never holds the rows.
 """
 
 from __future__ import annotations
@@ -17,20 +17,23 @@ from pipelines.prompt import render_batch, task_instructions
 from pipelines.read import InputPlan, read_dataset
 from pipelines.schema import task_fields
 from pipelines.storage import StorageOptions
-from pipelines.write import result_schema, select_batch
+from pipelines.write import reject_schema, result_schema, write_batch
 
 
-def postprocess_batch(batch: pa.Table, *, parse: dict, price: dict, model: str, run_id: str,
-                      schema: pa.Schema) -> pa.Table:
-    """parse -> account -> select, fused into one task per batch."""
+def postprocess_batch(batch: pa.Table, *, parse: dict, price: dict, model: str, run_id: str, write: dict) -> pa.Table:
+    """parse -> account -> write, fused into one task per batch; returns what was written (`write.WRITTEN`)."""
     parsed = parse_batch(batch, **parse)
-    return select_batch(account_batch(parsed, price=price, model=model, run_id=run_id), schema=schema)
+    return write_batch(account_batch(parsed, price=price, model=model, run_id=run_id), run_id=run_id, **write)
 
 
 def output_schema(job: Job, plan: InputPlan) -> pa.Schema:
     spec = job.spec
-    return result_schema(plan.shards[0].schema, spec.id_column, spec.carried_columns, spec.output.include_token_ids,
+    return result_schema(plan.schema, spec.id_column, spec.carried_columns, spec.output.include_token_ids,
                          task_fields(spec.task, spec.classify, spec.extract))
+
+
+def rejects_schema(job: Job, plan: InputPlan) -> pa.Schema:
+    return reject_schema(plan.schema, job.spec.id_column, job.spec.carried_columns)
 
 
 def parse_kwargs(job: Job) -> dict:
@@ -65,14 +68,17 @@ def prompt_kwargs(job: Job, *, tokenizer_path: str, storage: StorageOptions) -> 
     }
 
 
-def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str, storage: StorageOptions,
-                  adapter: Adapter | None = None, stats_actor: str | None = None):
-    """The job's results as a lazy Ray dataset, one row per input row.
+def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_fs, tokenizer_path: str,
+                  storage: StorageOptions, adapter: Adapter | None = None, stats_actor: str | None = None,
+                  duplicates: dict[str, dict[int, str]] | None = None):
+    """The job as a lazy Ray dataset whose rows report what was written (`pipelines.write.WRITTEN`).
 
     Args:
         job: The validated job (`pipelines.config.load_job`).
-        plan: The checked input (`pipelines.read.plan_input`).
+        plan: The checked input (`pipelines.read.plan_input`), less committed shards.
         run_id: Written into every row.
+        run_root, out_fs: The run's folder and its filesystem (fsspec); files go under it.
+        duplicates: Rows to reject as repeated ids (`pipelines.read.find_duplicates`).
         tokenizer_path: The engine's tokenizer, resolved (see `pipelines.models.resolve_model`).
         storage: Resolved object-store access (image URIs, the LoRA adapter).
         adapter: The job's checked LoRA adapter (`pipelines.adapters.check_adapter`), if any.
@@ -82,7 +88,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
 
     spec, engine = job.spec, job.engine
     batch_size = spec.batch_size or engine.engine_args.max_num_seqs
-    ds = read_dataset(plan)
+    ds = read_dataset(plan, duplicates=duplicates)
     ds = ds.map_batches(
         render_batch,
         fn_kwargs=prompt_kwargs(job, tokenizer_path=tokenizer_path, storage=storage),
@@ -117,8 +123,14 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, tokenizer_path: str
             "price": job.price.model_dump(mode="json"),
             "model": engine.display_model,
             "run_id": run_id,
-            "schema": output_schema(job, plan),
+            "write": {
+                "fs": out_fs,
+                "run_root": run_root,
+                "results": output_schema(job, plan),
+                "rejects": rejects_schema(job, plan),
+                "shard_uris": {s.key: s.uri for s in plan.shards},
+                "compression": None if spec.output.compression == "none" else spec.output.compression,
+            },
         },
         batch_format="pyarrow",
-        udf_modifying_row_count=False,
     )

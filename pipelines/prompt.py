@@ -116,18 +116,19 @@ def render_batch(
             checked and carried to the engine in an `image` column.
         storage: Object-store access for image URIs.
         messages_column: A column of ready chat messages (JSON) used instead of
-            the templates, as OpenAI batch requests bring them; a `reject`
-            column beside it holds reasons found while reading.
+            the templates, as OpenAI batch requests bring them.
+
+    A `reject` column, where present, holds reasons found while reading
+    (`pipelines.read`); such rows keep them as their error.
     """
     tokenizer = load_tokenizer(tokenizer_path)
     if messages_column:
         placeholders: list[str] = []
-        wanted = [id_column, messages_column, "reject"]
+        wanted = [id_column, messages_column]
     else:
         placeholders = list(dict.fromkeys(template_fields(system or "") + template_fields(user)))
         wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
-    if "max_tokens" in batch.column_names:
-        wanted.append("max_tokens")
+    wanted += [c for c in ("reject", "max_tokens") if c in batch.column_names]
     rows = batch.select(list(dict.fromkeys(wanted))).to_pylist()
 
     errors: list[str | None] = [None] * len(rows)
@@ -138,7 +139,7 @@ def render_batch(
             errors[i] = row["reject"]
             continue
         if row[id_column] is None:
-            errors[i] = f"input: {id_column} (the id column) is null"
+            errors[i] = f"null_id: {id_column} (the id column) is null"
             continue
         if messages_column:
             conversations.append(json.loads(row[messages_column]))
@@ -146,7 +147,7 @@ def render_batch(
             continue
         blank = [c for c in placeholders if _is_blank(row[c])]
         if blank:
-            errors[i] = f"input: {', '.join(blank)} is null or empty"
+            errors[i] = f"empty_input: {', '.join(blank)} is null, empty or blank"
             continue
         if image_column:
             try:

@@ -1,38 +1,36 @@
-"""Running a job: check everything, run the pipeline on Ray, write results and summary.json."""
+"""Running a job: check everything, run the pipeline on Ray, commit shard by shard, resume what is left."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
+import re
 import time
-import uuid
 from typing import Any
 
 from pipelines.adapters import Adapter, check_adapter
 from pipelines.config.load import Job
-from pipelines.errors import ConfigError, EngineError
+from pipelines.commit import (
+    RUN_FILE, SUCCESS, Committer, read_json, read_manifests, remove_uncommitted, write_json_atomic,
+)
+from pipelines.errors import ConfigError, EngineError, RunAborted
 from pipelines.generate import vllm_engine_args
 from pipelines.models import resolve_engine_paths
 from pipelines.observe import EngineStats, start_stats_actor
-from pipelines.processor import build_dataset
-from pipelines.read import InputPlan, plan_input
-from pipelines.storage import StorageOptions, arrow_filesystem, filesystem_for, join, protocol_of, to_uri
+from pipelines.processor import build_dataset, rejects_schema
 from pipelines.openai_batch import request_files, stage_requests, write_batch_files
-from pipelines.summary import quality, result_totals, scan_results
-from pipelines.write import write_json
+from pipelines.read import InputPlan, find_duplicates, plan_input
+from pipelines.storage import StorageOptions, filesystem_for, join, protocol_of, to_uri
+from pipelines.summary import quality, reject_totals, result_totals, scan_results
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
-RESULTS_DIR = "results"
 STAGED_DIR = "input"  # OpenAI batch requests, checked and staged as Parquet
-
-
-def new_run_id(job_name: str) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{job_name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def ensure_ray() -> None:
@@ -61,58 +59,159 @@ def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan | lis
     return storage, adapter, plan_input(job.spec, storage)
 
 
-def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run a job end to end; return its summary (also written as `summary.json`).
+def spec_fingerprint(job: Job) -> str:
+    """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
+    spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
+                                                        "failures": True, "storage": True, "description": True})
+    payload = {"spec": spec, "engine": job.engine.model_dump(mode="json", exclude={"description"})}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def default_run_id(job: Job, fingerprint: str) -> str:
+    """`<job>-<input partition>-<fingerprint>`: a scheduler's retry of the same job on the same input
+    lands on the same run and resumes it; a changed spec or input makes a new run."""
+    leaf = job.spec.input.path.rstrip("/").rsplit("/", 1)[-1] or "input"
+    leaf = re.sub(r"[^A-Za-z0-9_.=-]+", "-", leaf).strip("-")[:40] or "input"
+    return f"{job.spec.name}-{leaf}-{fingerprint[:10]}"
+
+
+def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, resume: bool) -> dict | None:
+    """Start the run's record, or check an existing one may be resumed; the finished run's summary if any."""
+    state = read_json(out_fs, join(run_root, RUN_FILE))
+    where = join(job.spec.output.path, run_id)
+    if state is None:
+        if out_fs.exists(run_root) and out_fs.ls(run_root):
+            raise ConfigError(f"output.path: {where} exists but is not a tokenmill run; choose another --run-id")
+        write_json_atomic(out_fs, join(run_root, RUN_FILE), {
+            "run_id": run_id, "job": job.spec.name, "fingerprint": fingerprint,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        return None
+    if state["fingerprint"] != fingerprint:
+        raise ConfigError(f"run {run_id!r} at {where} was started from another spec or engine profile; "
+                          "resuming would mix results: choose another --run-id")
+    if not resume:
+        raise ConfigError(f"run {run_id!r} already exists at {where}; resume it (the default) or choose another "
+                          "--run-id")
+    if out_fs.exists(join(run_root, SUCCESS)):
+        log.info("run %s already finished; nothing to do", run_id)
+        return read_json(out_fs, join(run_root, SUMMARY_FILE))
+    return None
+
+
+def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Run a job end to end, or resume it; return its summary (also written as `summary.json`).
 
     Args:
         job: A validated job (`pipelines.config.load_job`).
-        run_id: The run's id; default `<job>-<UTC time>-<random>`. Results go to
-            `<output.path>/<run_id>/results/` and the summary beside them.
+        run_id: The run's id; default `default_run_id`. Everything goes under
+            `<output.path>/<run_id>/` (see `pipelines.commit` for the layout).
         progress: Show Ray Data's progress bars.
+        resume: Go on with an existing run of this id (shards it committed are
+            skipped, the others redone); False refuses an existing run.
     """
     spec = job.spec
-    run_id = run_id or new_run_id(spec.name)
+    fingerprint = spec_fingerprint(job)
+    run_id = run_id or default_run_id(job, fingerprint)
     storage, adapter, plan = preflight(job)
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
-    if out_fs.exists(run_root):
-        raise ConfigError(f"output.path: run {run_id!r} already exists at {join(spec.output.path, run_id)}; "
-                          "choose another --run-id")
+    finished = _open_run(job, out_fs, run_root, run_id, fingerprint, resume)
+    if finished is not None:
+        return {**finished, "resumed": True, "shards_redone": 0}
     if spec.input.format == "openai_batch":
-        stage_requests(spec, storage, out_fs, join(run_root, STAGED_DIR))
+        stage_requests(spec, storage, out_fs, join(run_root, STAGED_DIR))  # deterministic: safe to redo
         plan = plan_input(spec, storage, uri=join(spec.output.path, run_id, STAGED_DIR))
 
-    _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
-    ensure_ray()
-    import ray
-    from ray.data import DataContext
+    manifests = read_manifests(out_fs, run_root)
+    removed = remove_uncommitted(out_fs, run_root, manifests)
+    todo = plan.without(set(manifests))
+    if manifests:
+        log.info("run %s: resuming: %d shards committed, %d to do, %d stale files removed",
+                 run_id, len(manifests), len(todo.shards), removed)
+    committer = Committer(out_fs, run_root, todo, rejects=rejects_schema(job, plan), run_id=run_id)
+    committer.quarantine_unread(todo)
+    duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
+                  if spec.input.format == "parquet" and todo.shards else {})
 
-    DataContext.get_current().enable_progress_bars = progress
-    stats_name = f"tokenmill-stats-{run_id}"
-    stats_actor = start_stats_actor(stats_name)
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    try:
-        ds = build_dataset(job, plan, run_id=run_id, tokenizer_path=tokenizer_path, storage=storage,
-                           adapter=adapter, stats_actor=stats_name)
-        results_root = join(run_root, RESULTS_DIR)
-        ds.write_parquet(
-            results_root,
-            filesystem=arrow_filesystem(out_fs),
-            compression=None if spec.output.compression == "none" else spec.output.compression,
-        )
-        wall = time.perf_counter() - t0
-        engine: EngineStats = ray.get(stats_actor.get.remote())
-    except ray.exceptions.RayError as exc:
-        raise EngineError(f"run {run_id} failed: {exc}") from exc
-    finally:
-        ray.kill(stats_actor)
-    finished_at = dt.datetime.now(dt.timezone.utc)
+    engine = EngineStats()
+    aborted = None
+    if todo.shards:
+        _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
+        ensure_ray()
+        import ray
+        from ray.data import DataContext
 
+        DataContext.get_current().enable_progress_bars = progress
+        stats_name = f"tokenmill-stats-{run_id}"
+        stats_actor = start_stats_actor(stats_name)
+        processed = failed = 0
+        try:
+            ds = build_dataset(job, todo, run_id=run_id, run_root=run_root, out_fs=out_fs,
+                               tokenizer_path=tokenizer_path, storage=storage, adapter=adapter,
+                               stats_actor=stats_name, duplicates=duplicates)
+            for written in ds.iter_rows():
+                committer.record(written)
+                processed += written["results_rows"] + written["rejects_rows"]
+                failed += written["failed_rows"] + written["rejects_rows"]
+                limit = spec.failures
+                if processed >= limit.min_records and failed > limit.max_share * processed:
+                    aborted = (f"run {run_id} stopped: {failed} of the {processed} records processed so far failed "
+                               f"({failed / processed:.0%}, more than failures.max_share {limit.max_share:.0%}); "
+                               f"{len(committer.committed)} shards committed stay valid; see the rejects, fix the "
+                               "cause and run again to resume")
+                    break
+            engine = ray.get(stats_actor.get.remote())
+        except ray.exceptions.RayError as exc:
+            raise EngineError(f"run {run_id} failed: {exc}; committed shards stay valid, run again to resume") \
+                from exc
+        finally:
+            ray.kill(stats_actor)
+    wall = time.perf_counter() - t0
+    incomplete = committer.finish()
+    if aborted:
+        raise RunAborted(aborted)
+    if incomplete:
+        raise EngineError(f"run {run_id}: {len(incomplete)} shards were not fully written "
+                          f"({', '.join(p.uri for p in incomplete[:3])}); run again to resume")
+
+    manifests = read_manifests(out_fs, run_root)
+    remove_uncommitted(out_fs, run_root, manifests)  # files of retried tasks and quarantined shards
+    summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,
+                        started_at=started_at, resumed=bool(manifests) and len(todo.shards) < len(plan.shards),
+                        shards_redone=len(todo.shards))
+    if spec.output.format == "openai_batch":
+        batch = write_batch_files(summary["output"]["results"], summary["output"]["rejects"], out_fs, run_root,
+                                  id_column=spec.id_column, run_id=run_id, created=int(started_at.timestamp()))
+        summary["output"].update(
+            output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
+            error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"])
+    write_json_atomic(out_fs, join(run_root, SUMMARY_FILE), summary)
+    write_json_atomic(out_fs, join(run_root, SUCCESS), {
+        "run_id": run_id, "results": summary["output"]["results"], "rejects": summary["output"]["rejects"],
+        **{k: summary[k] for k in ("records_in", "records_out", "records_rejected", "prompt_tokens",
+                                   "completion_tokens", "cost_usd")}})
+    return summary
+
+
+def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: StorageOptions, *, adapter, engine,
+              wall: float, started_at: dt.datetime, resumed: bool, shards_redone: int) -> dict[str, Any]:
+    """The run's summary from its committed files only, so it always agrees with what readers see."""
+    spec = job.spec
     protocol = protocol_of(spec.output.path)
-    files = sorted(to_uri(p, protocol) for p in out_fs.find(results_root) if p.endswith(".parquet"))
+    committed = [m for m in manifests.values() if m["state"] == "committed"]
+    quarantined = [{"path": m["path"], "reason": m["reason"]} for m in manifests.values()
+                   if m["state"] == "quarantined"]
+    files = sorted(to_uri(f, protocol) for m in committed for f in m["results"])
+    reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m["rejects"])
     results = scan_results(files, storage)
     totals = result_totals(results, spec.id_column)
+    rejects = reject_totals(scan_results(reject_files, storage))
+    records_in = sum(m["rows"] for m in committed)
+    kinds = dict(totals.pop("errors_by_kind"))
+    for kind, n in rejects["by_reason"].items():
+        kinds[kind] = kinds.get(kind, 0) + n
     steady = engine.steady_seconds
     summary = {
         "run_id": run_id,
@@ -122,30 +221,32 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True) -> di
         "model": job.engine.display_model,
         "lora": dataclasses.asdict(adapter) if adapter else None,
         "started_at": started_at.isoformat(),
-        "finished_at": finished_at.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "wall_s": round(wall, 3),
         "task": spec.task,
-        "records_in": plan.num_rows,
+        "resumed": resumed,
+        "shards_redone": shards_redone,
+        "records_in": records_in,
         **totals,
-        "records_per_s": round(totals["records_out"] / wall, 3) if wall else None,
+        "records_rejected": rejects["rows"],
+        "records_failed": totals["records_failed"] + rejects["rows"],
+        "duplicate_ids": rejects["by_reason"].get("duplicate_id", 0),
+        "errors_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "records_per_s": round(totals["records_out"] / wall, 3) if wall and totals["records_out"] else None,
         "output_tokens_per_s": round(totals["completion_tokens"] / wall, 3) if wall else None,
         "engine_start_s": round(max(engine.engine_start_s), 3) if engine.engine_start_s else None,
         "engine_replicas": len(engine.engine_start_s),
         "steady_output_tokens_per_s": round(engine.output_tokens / steady, 3) if steady else None,
         "price": {"model": job.engine.display_model, **job.price.model_dump(mode="json")},
-        "input": {"path": spec.input.path, "format": spec.input.format, "shards": len(plan.shards)},
-        "output": {"path": join(spec.output.path, run_id), "format": spec.output.format, "results": files},
+        "input": {"path": spec.input.path, "format": spec.input.format, "shards": len(committed),
+                  "quarantined": quarantined},
+        "output": {"path": join(spec.output.path, run_id), "format": spec.output.format, "results": files,
+                   "rejects": reject_files},
     }
-    found = quality(results, spec)
+    found = quality(results, spec) if files else None
     if found is not None:
         summary["quality"] = found
-    if spec.output.format == "openai_batch":
-        batch = write_batch_files(files, out_fs, run_root, id_column=spec.id_column, run_id=run_id,
-                                  created=int(started_at.timestamp()))
-        summary["output"].update(
-            output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
-            error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"])
-    if totals["records_out"] != plan.num_rows:
-        log.error("run %s: %d records in but %d out", run_id, plan.num_rows, totals["records_out"])
-    write_json(out_fs, join(run_root, SUMMARY_FILE), summary)
+    if totals["records_out"] + rejects["rows"] != records_in:
+        log.error("run %s: %d records in committed shards but %d results and %d rejects", run_id, records_in,
+                  totals["records_out"], rejects["rows"])
     return summary

@@ -7,14 +7,29 @@ import polars as pl
 from pipelines.storage import StorageOptions, protocol_of
 
 
-def scan_results(uris: list[str], storage: StorageOptions) -> pl.LazyFrame:
-    """The results as a lazy polars frame, local or in object storage."""
-    opts = storage.polars_kwargs(protocol_of(uris[0])) if uris else {}
+def scan_results(uris: list[str], storage: StorageOptions) -> pl.LazyFrame | None:
+    """Parquet files (results or rejects) as one lazy polars frame, local or in object storage; None if none."""
+    if not uris:
+        return None
+    opts = storage.polars_kwargs(protocol_of(uris[0]))
     return pl.scan_parquet(uris, storage_options=opts or None)
 
 
-def result_totals(results: pl.LazyFrame, id_column: str) -> dict:
-    """Counts, token totals and cost of a run's results."""
+def reject_totals(rejects: pl.LazyFrame | None) -> dict:
+    """How many rows were rejected, by reason."""
+    if rejects is None:
+        return {"rows": 0, "by_reason": {}}
+    # A row with no row index stands for a quarantined shard, not a record.
+    counts = rejects.filter(pl.col("row").is_not_null()).group_by("reason").len().sort("len", descending=True)
+    by_reason = {r["reason"]: r["len"] for r in counts.collect().iter_rows(named=True)}
+    return {"rows": sum(by_reason.values()), "by_reason": by_reason}
+
+
+def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
+    """Counts, token totals and cost of a run's results (rows the engine generated)."""
+    if results is None:
+        return {"records_out": 0, "records_ok": 0, "records_failed": 0, "distinct_ids": 0, "prompt_tokens": 0,
+                "completion_tokens": 0, "cached_prompt_tokens": 0, "cost_usd": 0.0, "errors_by_kind": {}}
     row = (
         results.select(
             pl.len().alias("records_out"),

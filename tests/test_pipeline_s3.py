@@ -53,21 +53,30 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
     assert "records in / ok / failed" in printed.out and "302 / 300 / 2" in printed.out
 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="out/e2e/")["Contents"]]
-    assert "out/e2e/summary.json" in keys
+    assert {"out/e2e/summary.json", "out/e2e/_SUCCESS", "out/e2e/_run.json"} <= set(keys)
+    assert sum(k.startswith("out/e2e/_manifests/") for k in keys) == 5  # one per shard
     summary = json.loads(client.get_object(Bucket=BUCKET, Key="out/e2e/summary.json")["Body"].read())
-    results = pl.concat([
-        pl.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
-        for k in keys if k.startswith("out/e2e/results/") and k.endswith(".parquet")
-    ])
 
-    # Every input id exactly once.
-    assert sorted(results["ticket_id"].to_list()) == sorted(source.column("ticket_id").to_pylist())
-    assert results["ticket_id"].n_unique() == results.height == 302
+    def frame(prefix: str) -> pl.DataFrame:
+        return pl.concat([pl.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
+                          for k in keys if k.startswith(prefix) and k.endswith(".parquet")])
 
-    # Bad rows are kept, with a reason, and never reach the engine.
-    bad = results.filter(pl.col("ticket_id").str.starts_with("BAD-")).sort("ticket_id")
-    assert bad["error"].to_list() == ["input: subject is null or empty", "input: body is null or empty"]
-    assert bad["completion_tokens"].to_list() == [None, None] and bad["cost_usd"].to_list() == [0.0, 0.0]
+    results, rejects = frame("out/e2e/results/"), frame("out/e2e/rejects/")
+    assert sorted(f"s3://{BUCKET}/{k}" for k in keys if k.startswith("out/e2e/results/")) == \
+        summary["output"]["results"]
+
+    # Every input id exactly once, in the results or the rejects.
+    assert sorted(results["ticket_id"].to_list() + rejects["ticket_id"].to_list()) == \
+        sorted(source.column("ticket_id").to_pylist())
+    assert results.height == 300 and rejects.height == 2
+
+    # Bad rows go to the rejects with where they came from and why, and never reach the engine.
+    bad = rejects.sort("ticket_id")
+    assert bad["ticket_id"].to_list() == ["BAD-BLANK-SUBJECT", "BAD-NULL-BODY"]
+    assert bad["reason"].to_list() == ["empty_input", "empty_input"]
+    assert bad["message"].to_list() == ["subject is null, empty or blank", "body is null, empty or blank"]
+    assert bad["shard"].to_list() == [f"s3://{BUCKET}/tickets/part-99999.parquet"] * 2
+    assert bad["row"].to_list() == [1, 0]
 
     ok = results.filter(pl.col("error").is_null())
     assert ok.height == 300
@@ -100,12 +109,12 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
                      + ok["completion_tokens"] * price.output_per_1m) / 1e6
     assert (ok["cost_usd"] - expected_cost).abs().max() < 1e-15
     assert summary["cost_usd"] == pytest.approx(results["cost_usd"].sum(), rel=1e-12)
-    assert summary["records_in"] == summary["records_out"] == results.height == 302
-    assert summary["records_ok"] == 300 and summary["records_failed"] == 2
+    assert summary["records_in"] == 302 and summary["records_out"] == results.height == 300
+    assert summary["records_ok"] == 300 and summary["records_failed"] == summary["records_rejected"] == 2
     assert summary["prompt_tokens"] == results["prompt_tokens"].sum()
     assert summary["completion_tokens"] == results["completion_tokens"].sum()
     assert summary["cached_prompt_tokens"] == results["cached_prompt_tokens"].sum()
-    assert summary["errors_by_kind"] == {"input": 2}
+    assert summary["errors_by_kind"] == {"empty_input": 2}
     assert set(results["model"].unique()) == {"SmolLM2-135M-Instruct"}
     assert set(results["run_id"].unique()) == {"e2e"}
     assert summary["engine_start_s"] > 0 and summary["output_tokens_per_s"] > 0
@@ -115,6 +124,14 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
     summary_text = json.dumps(summary)
     assert S3_SECRET not in printed.out + printed.err + summary_text
 
-    # The same run id is refused rather than mixed into the finished run.
-    assert main(["run", str(JOB), "--run-id", "e2e", *[a for o in overrides for a in ("--set", o)]]) == 2
+    # The same run again resumes the finished run: nothing is redone or written twice.
+    assert main(["run", str(JOB), "--run-id", "e2e", "--no-progress",
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="out/e2e/")["Contents"]] == keys
+    # With --no-resume it is refused; with another spec it is refused rather than mixed.
+    assert main(["run", str(JOB), "--run-id", "e2e", "--no-resume", *[a for o in overrides for a in ("--set", o)]]) == 2
     assert "run 'e2e' already exists" in capsys.readouterr().err
+    assert main(["run", str(JOB), "--run-id", "e2e", "--set", "sampling.max_tokens=5",
+                 *[a for o in overrides for a in ("--set", o)]]) == 2
+    assert "was started from another spec" in capsys.readouterr().err

@@ -39,9 +39,9 @@ def test_bad_rows_keep_their_place_with_an_error(model_path):
     assert out.column("id").to_pylist() == [1, None, 3, 4]
     errors = out.column("error").to_pylist()
     assert errors[0] is None
-    assert errors[1] == "input: id (the id column) is null"
-    assert errors[2] == "input: subject is null or empty"
-    assert errors[3] == "input: body is null or empty"
+    assert errors[1] == "null_id: id (the id column) is null"
+    assert errors[2] == "empty_input: subject is null, empty or blank"
+    assert errors[3] == "empty_input: body is null, empty or blank"
 
 
 def test_too_long_prompt_is_an_error_not_an_engine_failure(model_path):

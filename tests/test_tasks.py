@@ -30,8 +30,8 @@ def run(job: str, sample: str, tmp_path: Path, rows: int, capsys, bad: list[dict
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     summary = json.loads((tmp_path / "out/t/summary.json").read_text())
-    results = pl.read_parquet(tmp_path / "out/t/results/")
-    assert results.height == table.num_rows == summary["records_out"]
+    results = pl.read_parquet(summary["output"]["results"])
+    assert results.height + summary["records_rejected"] == table.num_rows == summary["records_in"]
     return summary, results
 
 
@@ -47,15 +47,16 @@ def test_review_sentiment_labels_are_from_the_list_or_errors(ray_cluster, model_
             assert 0 < row["label_probability"] <= 1
         else:
             assert row["label"] is None and row["label_probability"] is None
-    assert results.filter(pl.col("review_id") == "BAD-BLANK")["error"][0] == "input: text is null or empty"
+    rejects = pl.read_parquet(summary["output"]["rejects"])
+    assert rejects["review_id"].to_list() == ["BAD-BLANK"] and rejects["reason"].to_list() == ["empty_input"]
     assert results.filter(pl.col("error").is_null()).height == 60
 
-    q = summary["quality"]
-    assert q["records_with_truth"] == 61
+    q = summary["quality"]  # computed on the results: the rejected review never got a label
+    assert q["records_with_truth"] == 60
     assert q["correct"] == results.filter(pl.col("label") == pl.col("true_sentiment")).height
-    assert q["accuracy"] == pytest.approx(q["correct"] / 61, abs=1e-6)
+    assert q["accuracy"] == pytest.approx(q["correct"] / 60, abs=1e-6)
     matrix = q["confusion_matrix"]["counts"]
-    assert sum(sum(r.values()) for r in matrix.values()) == 61 and matrix["neutral"]["(none)"] >= 1
+    assert sum(sum(r.values()) for r in matrix.values()) == 60
     for label in labels:
         predicted = results.filter(pl.col("label") == label).height
         assert q["per_label"][label]["predicted"] == predicted

@@ -48,6 +48,10 @@ class InputSpec(BaseModel):
     columns: list[str] | None = Field(
         None, description="Columns to read; default: the id, the template's placeholders and the passthrough columns."
     )
+    duplicate_ids: Literal["keep_first", "reject"] = Field(
+        "keep_first", description="A repeated id: `keep_first` processes its first occurrence (in shard order) and "
+        "rejects the others; `reject` rejects every occurrence. The summary counts them.",
+    )
 
     @model_validator(mode="after")
     def _id_column(self) -> "InputSpec":
@@ -148,6 +152,18 @@ class OutputSpec(BaseModel):
         return value
 
 
+class FailureSpec(BaseModel):
+    """When a run gives up: the circuit breaker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_share: float = Field(
+        0.1, gt=0, le=1, description="Stop the run when more than this share of the records processed so far "
+        "failed (rejected, or generated but unparsable); what was committed stays valid and `--resume` goes on.",
+    )
+    min_records: int = Field(200, ge=1, description="Records processed before the share is judged.")
+
+
 class ActorPoolSpec(BaseModel):
     """How many engine replicas run; Ray scales between min and max."""
 
@@ -183,6 +199,7 @@ class JobSpec(BaseModel):
     output: OutputSpec
     lora: LoraSpec | None = Field(None, description="A LoRA adapter for the whole job; none means the base model.")
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
+    failures: FailureSpec = Field(default_factory=FailureSpec)
     batch_size: int | None = Field(
         None, ge=1,
         description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "
