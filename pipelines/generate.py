@@ -177,8 +177,9 @@ class VLLMGenerator:
             local = local_adapter(adapter, storage or StorageOptions())
             self.lora_request = LoRARequest(adapter.name, 1, str(local))
             extra = adapter.engine_kwargs()
+        self._engine_args = (self.profile, model_path, tokenizer_path, extra)
         started = time.perf_counter()
-        self.llm = make_llm(self.profile, model_path, tokenizer_path, **extra)
+        self.llm = make_llm(*self._engine_args[:3], **extra)
         self.engine_start_s = time.perf_counter() - started
         self.sampling = SamplingSpec.model_validate(sampling)
         self.params = sampling_params(self.sampling, structured=structured, logprobs=logprobs)
@@ -195,6 +196,44 @@ class VLLMGenerator:
         core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+
+    def _restart_engine(self, budget: list[int]) -> None:
+        """A fresh engine after the old one died (its core process crashed or was killed)."""
+        if budget[0] <= 0:
+            raise RuntimeError("the engine died too often on one batch; giving up on this replica")
+        budget[0] -= 1
+        self.__del__()
+        log.warning("engine %s died; starting a new one", self.profile.name)
+        self.llm = make_llm(*self._engine_args[:3], **self._engine_args[3])
+
+    def _generate(self, idx: list[int], prompts: list, params: list, images: list | None,
+                  budget: list[int], retry_whole: bool = True) -> tuple[dict[int, Any], dict[int, str]]:
+        """Outputs by index, and errors by index for the requests that cannot be served.
+
+        The engine fails a whole call for one bad request (a grammar it cannot
+        compile, a prompt it refuses) and dies with the call that kills it, so a
+        failed call is split in halves until each failing request stands alone:
+        that request gets the error, the others their outputs. A dead engine is
+        replaced, and the same requests tried once more whole before splitting:
+        an engine can die of something else (an OOM, a killed process).
+        """
+        try:
+            outputs = generate_ids(self.llm, [prompts[i] for i in idx], [params[i] for i in idx],
+                                   images=[images[i] for i in idx] if images else None,
+                                   lora_request=self.lora_request)
+            return dict(zip(idx, outputs)), {}
+        except Exception as exc:  # noqa: BLE001 - isolate the request(s) at fault; none is lost
+            if type(exc).__name__ == "EngineDeadError":
+                self._restart_engine(budget)
+                if retry_whole:
+                    return self._generate(idx, prompts, params, images, budget, retry_whole=False)
+            if len(idx) == 1:
+                log.warning("engine refused one request: %s: %s", type(exc).__name__, exc)
+                return {}, {idx[0]: f"engine: {type(exc).__name__}: {exc}"}
+            half = len(idx) // 2
+            done, failed = self._generate(idx[:half], prompts, params, images, budget)
+            more_done, more_failed = self._generate(idx[half:], prompts, params, images, budget)
+            return {**done, **more_done}, {**failed, **more_failed}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
@@ -213,28 +252,27 @@ class VLLMGenerator:
         if todo:
             prompts = batch.column("prompt_token_ids").take(todo).to_pylist()
             images = batch.column("image").take(todo).to_pylist() if has_images else None
-            params = self.params
+            params = [self.params] * len(todo)
             if "request_params" in batch.column_names:
                 params = request_sampling_params(
                     self.sampling, batch.column("request_params").take(todo).to_pylist(), self.params)
-            try:
-                outputs = generate_ids(self.llm, prompts, params, images=images, lora_request=self.lora_request)
-            except Exception as exc:  # noqa: BLE001 - the batch's rows carry the error, none is lost
-                log.exception("engine failed on a batch of %d", len(todo))
-                for i in todo:
-                    errors[i] = f"engine: {type(exc).__name__}: {exc}"
-            else:
-                for i, out in zip(todo, outputs):
-                    # The engine's count: with an image it includes the image's tokens.
-                    prompt_tokens[i] = len(out.prompt_token_ids)
-                    completion_output = out.outputs[0]
-                    text[i] = completion_output.text
-                    finish[i] = completion_output.finish_reason
-                    out_ids[i] = list(completion_output.token_ids)
-                    completion[i] = len(completion_output.token_ids)
-                    cached[i] = out.num_cached_tokens
-                    if self.logprobs and completion_output.cumulative_logprob is not None:
-                        logprob[i] = completion_output.cumulative_logprob
+            # Enough engine restarts to isolate one poison request by halving, and a few more.
+            budget = [2 * max(1, len(todo)).bit_length() + 2]
+            done, failed = self._generate(list(range(len(todo))), prompts, params, images, budget)
+            for k, message in failed.items():
+                errors[todo[k]] = message
+            for k, out in sorted(done.items()):
+                i = todo[k]
+                # The engine's count: with an image it includes the image's tokens.
+                prompt_tokens[i] = len(out.prompt_token_ids)
+                completion_output = out.outputs[0]
+                text[i] = completion_output.text
+                finish[i] = completion_output.finish_reason
+                out_ids[i] = list(completion_output.token_ids)
+                completion[i] = len(completion_output.token_ids)
+                cached[i] = out.num_cached_tokens
+                if self.logprobs and completion_output.cumulative_logprob is not None:
+                    logprob[i] = completion_output.cumulative_logprob
         ended = time.time()
         if self.stats is not None and todo:
             self.stats.batch_done.remote(started, ended, len(todo), sum(c or 0 for c in completion))

@@ -114,6 +114,10 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         num_gpus=engine.resources.num_gpus or None,
         accelerator_type=engine.resources.accelerator_type,
         runtime_env={"env_vars": actor_env(engine)},
+        # A replica that dies is restarted and its batch retried, but not forever: a
+        # batch that keeps killing the whole actor fails the run (committed shards stay).
+        max_restarts=-1,
+        max_task_retries=3,
         udf_modifying_row_count=False,
     )
     return ds.map_batches(

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from typing import Any
 
 from pipelines.adapters import Adapter, check_adapter
@@ -144,7 +145,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = progress
-        stats_name = f"tokenmill-stats-{run_id}"
+        stats_name = f"tokenmill-stats-{run_id}-{uuid.uuid4().hex[:8]}"  # an earlier attempt's may linger
         stats_actor = start_stats_actor(stats_name)
         processed = failed = 0
         try:
