@@ -61,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task", choices=["classify", "extract"],
                        help="compare constrained and unconstrained decoding on the job's prompts, in one engine")
     bench.add_argument("--repeats", type=int, default=2, help="--task: passes per side, alternating")
+    bench.add_argument("--resume", action="store_true",
+                       help="a run, then the same run again: what resuming a finished run costs")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     bench.add_argument("--conf-dir", type=Path)
     bench.add_argument("--rows", type=int, help="prompts per side (the job's input rows, repeated); default 512; "
-                                                 "with --task, 128 (classify) or 64 (extract)")
+                                                 "with --task, 128 (classify) or 64 (extract); with --resume, 128")
     bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
     bench.add_argument("--json", type=Path, help="also write the figures to this file")
     sub.add_parser("reference", help="print the configuration reference (markdown) from the config models")
@@ -157,9 +159,15 @@ def _cmd_samples(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipelines.bench import format_bench, format_task_bench, run_bench, run_task_bench
+    from pipelines.bench import (
+        format_bench, format_resume_bench, format_task_bench, run_bench, run_resume_bench, run_task_bench,
+    )
 
-    if args.task:
+    if args.resume:
+        result = run_resume_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                                  conf_dir=args.conf_dir, rows=args.rows or 128)
+        print(format_resume_bench(result))
+    elif args.task:
         job = args.job or Path("conf/jobs") / {"classify": "review_sentiment", "extract": "invoice_fields"}[args.task]
         job = job.with_suffix(".yaml") if not job.suffix else job
         result = run_task_bench(job, overrides=args.overrides, conf_dir=args.conf_dir, rows=args.rows or {"classify": 128, "extract": 64}[args.task],

@@ -9,7 +9,6 @@ file without a committed manifest is debris of an interrupted attempt.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -100,9 +99,3 @@ def write_batch(batch: pa.Table, *, fs, run_root: str, results: pa.Schema, rejec
             _write(fs, row["rejects_file"], _rejects(bad, rejects, shard_uris, run_id), compression)
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=WRITTEN)
-
-
-def write_json(fs, path: str, payload: dict[str, Any]) -> None:
-    with fs.open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.write("\n")

@@ -38,3 +38,12 @@ def test_task_bench_compares_constrained_and_unconstrained_decoding(model_path, 
     assert u["requests"] == c["requests"] == 12
     assert c["valid_share"] == 1.0, "constrained decoding must always give one of the labels"
     assert figures["ratio_requests_per_s"] == pytest.approx(c["requests_per_s"] / u["requests_per_s"])
+
+
+@pytest.mark.engine
+def test_resume_bench_shows_a_finished_run_costs_no_engine_work(ray_cluster, model_path, capsys):
+    assert main(["bench", "--resume", "--rows", "16", "--set", "sampling.max_tokens=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 shards redone" in printed
+    ratio = float(printed.split("ratio resume/first run:")[1].split()[0])
+    assert ratio < 0.5  # the first run starts an engine; the resume reads two small JSON files

@@ -211,3 +211,29 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     assert proc.wait(timeout=600) == 0, proc.log.read_text()[-3000:]
     check_run(client, run, expected)
     print(f"\nfault figures so far: {FIGURES}")
+
+
+@pytest.mark.engine
+def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_env, model_path, capsys):
+    client = s3_env.client()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    tickets = pq.read_table(sorted((REPO / "data/samples/tickets").glob("*.parquet")))
+    put_table(client, "in-breaker/part-0.parquet", tickets.slice(0, 10))
+    put_table(client, "in-breaker/part-1.parquet", tickets.slice(10, 10))
+    blank = tickets.slice(20, 20)
+    put_table(client, "in-breaker/part-2.parquet",
+              blank.set_column(blank.schema.get_field_index("body"), "body", pa.array([" "] * 20)))
+    args = overrides("in-breaker", "breaker")
+    strict = [*args, "--set", "failures.max_share=0.3", "--set", "failures.min_records=10"]
+    assert main(["run", str(JOB), *strict]) == 6
+    err = capsys.readouterr().err
+    assert "stopped:" in err and "more than failures.max_share 30%" in err and "run again to resume" in err
+    assert "out/breaker/_SUCCESS" not in keys(client, "out/breaker/")
+
+    # The breaker's threshold is not part of what the results depend on: raising it resumes the same run.
+    assert main(["run", str(JOB), *args, "--set", "failures.max_share=0.9"]) == 0
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="out/breaker/summary.json")["Body"].read())
+    assert summary["records_in"] == 40 and summary["records_rejected"] == 20 and summary["records_ok"] == 20

@@ -88,6 +88,13 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
     client = s3_env.client()
     client.create_bucket(Bucket=BUCKET)
     lines = request_lines()
+    # A schema JSON Schema allows but the engine's grammar compiler refuses (a look-behind): the engine
+    # fails that one request, the others in its batch keep their outputs.
+    refused = json.loads(lines[0])
+    refused["custom_id"] = "req-refused"
+    refused["body"]["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}, "required": ["a"]}}}
+    lines.append(json.dumps(refused))
     client.put_object(Bucket=BUCKET, Key="requests/batch-1.jsonl", Body=("\n".join(lines) + "\n").encode())
     spec = spec_file(tmp_path, f"s3://{BUCKET}/requests/", f"s3://{BUCKET}/out/")
     code = main(["run", str(spec), "--conf-dir", str(REPO / "conf"), "--run-id", "rt", "--no-progress"])
@@ -100,7 +107,7 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
 
     output, errors = jsonl("out/rt/output.jsonl"), jsonl("out/rt/errors.jsonl")
     sent = [json.loads(x)["custom_id"] for x in lines if x and x != lines[3]] + ["req-003"]
-    assert len(output) + len(errors) == len(sent) == 24
+    assert len(output) + len(errors) == len(sent) == 25
     ok_ids, err_ids = {o["custom_id"] for o in output}, {e["custom_id"] for e in errors}
     assert not ok_ids & err_ids, "a custom_id is in both files"
     assert ok_ids | err_ids == set(sent), "a custom_id is in neither file"
@@ -109,7 +116,9 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
     got = {(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errors}
     assert got == {("req-003", "invalid_json", 4), ("req-005", "invalid_url", 6), ("req-006", "duplicate_custom_id", 7),
                    ("req-006", "duplicate_custom_id", 8), ("req-009", "invalid_request", 10),
-                   ("req-011", "invalid_request", 12)}
+                   ("req-011", "invalid_request", 12), ("req-refused", "engine", 26)}
+    refusal = next(e for e in errors if e["custom_id"] == "req-refused")["error"]["message"]
+    assert refusal.startswith("VLLMValidationError") and "rammar" in refusal
     assert all(e["response"] is None and e["id"].startswith("batch_req_") for e in errors)
 
     requested = {json.loads(x)["custom_id"]: json.loads(x)["body"] for i, x in enumerate(lines) if x and i != 3}
@@ -124,8 +133,8 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
             jsonschema.validate(json.loads(choice["message"]["content"]), ROUTE)  # constrained per request
 
     summary = json.loads(client.get_object(Bucket=BUCKET, Key="out/rt/summary.json")["Body"].read())
-    assert summary["records_in"] == 24 and summary["records_out"] == len(output) == 18
-    assert summary["records_failed"] == summary["records_rejected"] == len(errors) == 6
+    assert summary["records_in"] == 25 and summary["records_out"] == len(output) == 18
+    assert summary["records_failed"] == summary["records_rejected"] == len(errors) == 7
     assert summary["output"]["output_lines"] == len(output)
     assert summary["completion_tokens"] == sum(o["response"]["body"]["usage"]["completion_tokens"] for o in output)
     assert "OpenAI batch files" in printed.out
