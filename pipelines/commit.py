@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -37,18 +38,40 @@ MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 
 
-def write_json_atomic(fs, path: str, payload: dict[str, Any]) -> None:
-    """Write a small JSON object so that readers see all of it or nothing."""
+def write_json_atomic(fs, path: str, payload: dict[str, Any], *, exclusive: bool = False) -> bool:
+    """Write a small JSON object so that readers see all of it or nothing.
+
+    With `exclusive`, only if `path` does not exist yet (S3's conditional
+    `If-None-Match: *`, a hard link on a local disk), so that of two attempts
+    racing on one run only one commits; returns False when it already existed.
+    """
     from fsspec.implementations.local import LocalFileSystem
 
-    text = json.dumps(payload, indent=2, default=str) + "\n"
+    data = (json.dumps(payload, indent=2, default=str) + "\n").encode()
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(tmp, text.encode())
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, text.encode())  # one PUT: the object appears whole
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        fs.pipe_file(tmp, data)
+        if not exclusive:
+            fs.mv(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if the path exists: an exclusive create that is also atomic
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if not exclusive:
+        fs.pipe_file(path, data)  # one PUT: the object appears whole
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except (FileExistsError, OSError) as exc:
+        if isinstance(exc, FileExistsError) or "pre-condition" in str(exc).lower() or "412" in str(exc):
+            return False
+        raise
 
 
 def read_json(fs, path: str) -> dict[str, Any] | None:
@@ -120,8 +143,17 @@ class Committer:
                 "rejects": sorted(p.rejects), "results_rows": p.results_rows, "rejects_rows": p.rejects_rows,
                 "failed_rows": p.failed_rows, "reason": p.quarantine}
 
-    def _write(self, manifest: dict[str, Any]) -> None:
-        write_json_atomic(self.fs, join(self.run_root, MANIFESTS, f"{manifest['shard']}.json"), manifest)
+    def _write(self, manifest: dict[str, Any]) -> bool:
+        """Commit a shard; False (and this attempt's files for it deleted) when another attempt did first."""
+        path = join(self.run_root, MANIFESTS, f"{manifest['shard']}.json")
+        if write_json_atomic(self.fs, path, manifest, exclusive=True):
+            return True
+        log.warning("shard %s was committed by another attempt of this run; dropping this attempt's files",
+                    manifest["path"])
+        for f in (*manifest["results"], *manifest["rejects"]):
+            if self.fs.exists(f):
+                self.fs.rm(f)
+        return False
 
     def record(self, written: dict[str, Any]) -> ShardProgress:
         """One row of the write stage's report (`pipelines.write.WRITTEN`); commits the shard when complete."""

@@ -83,10 +83,12 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
     if state is None:
         if out_fs.exists(run_root) and out_fs.ls(run_root):
             raise ConfigError(f"output.path: {where} exists but is not a tokenmill run; choose another --run-id")
-        write_json_atomic(out_fs, join(run_root, RUN_FILE), {
+        created = write_json_atomic(out_fs, join(run_root, RUN_FILE), {
             "run_id": run_id, "job": job.spec.name, "fingerprint": fingerprint,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
-        return None
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}, exclusive=True)
+        if created:
+            return None
+        state = read_json(out_fs, join(run_root, RUN_FILE))  # another attempt started it a moment ago
     if state["fingerprint"] != fingerprint:
         raise ConfigError(f"run {run_id!r} at {where} was started from another spec or engine profile; "
                           "resuming would mix results: choose another --run-id")
