@@ -134,6 +134,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
              else f"{plan.num_rows:,} records in {len(plan.shards)} shard(s)")
     print(f"ok: {job.spec.name}: {found} at {job.spec.input.path}; "
           f"engine {job.engine.name} ({job.engine.display_model})")
+    for q in getattr(plan, "quarantined", []):
+        print(f"quarantined (a run goes on without it): {q.uri}: {q.reason}")
     return 0
 
 
