@@ -62,6 +62,9 @@ class SeaweedS3:
             # Each bucket is a collection that takes several volumes; the default
             # cap of 8 volumes is spent after one bucket.
             "-master.volumeSizeLimitMB=64", "-volume.max=200",
+            # The Iceberg and Lance catalogs listen on fixed ports: two test sessions on
+            # one machine would collide, and the tests use neither.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
         self.log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -25,7 +25,7 @@ def test_ticket_job_on_tiny_llama4_matches_transformers(ray_cluster, tmp_path):
                  "--set", f"sampling.max_tokens={MAX_TOKENS}"])
     assert code == 0
     summary = json.loads((out / "llama4/summary.json").read_text())
-    results = pl.read_parquet(sorted((out / "llama4/results").glob("*.parquet")))
+    results = pl.read_parquet(summary["output"]["results"])
 
     # Every record generated and accounted.
     assert summary["records_in"] == summary["records_ok"] == results.height == 300

@@ -34,7 +34,8 @@ def run(tmp_path: Path, run_id: str, *overrides: str) -> pl.DataFrame:
     args = ["run", str(JOB), "--run-id", run_id, "--no-progress", "--set", f"input.path={tmp_path / 'input'}",
             "--set", f"output.path={tmp_path / 'out'}", "--set", "sampling.max_tokens=16"]
     assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
-    return pl.read_parquet(sorted((tmp_path / "out" / run_id / "results").glob("*.parquet"))).sort("ticket_id")
+    summary = json.loads((tmp_path / "out" / run_id / "summary.json").read_text())
+    return pl.read_parquet(summary["output"]["results"]).sort("ticket_id")
 
 
 @pytest.mark.engine
