@@ -33,3 +33,25 @@ def account_batch(batch: pa.Table, *, price: dict, model: str, run_id: str) -> p
     batch = batch.append_column("cost_usd", cost)
     batch = batch.append_column("model", pa.array([model] * n, pa.string()))
     return batch.append_column("run_id", pa.array([run_id] * n, pa.string()))
+
+
+def tokens_cost(prompt_tokens: int, cached_tokens: int, completion_tokens: int, price: ModelPrice) -> float:
+    """Dollar cost of token totals at a price (the same formula as `cost_usd`, on sums)."""
+    uncached = prompt_tokens - cached_tokens
+    return (uncached * price.input_per_1m + cached_tokens * price.cached_rate
+            + completion_tokens * price.output_per_1m) / 1_000_000
+
+
+def hosted_comparison(totals: dict, run_cost: float, hosted: dict[str, ModelPrice]) -> dict[str, dict]:
+    """What the run's tokens would have cost at each hosted price, and how many times the run's own cost."""
+    out = {}
+    for name, price in hosted.items():
+        cost = tokens_cost(totals["prompt_tokens"], totals["cached_prompt_tokens"], totals["completion_tokens"], price)
+        out[name] = {
+            "description": price.description,
+            "cost_usd": cost,
+            "times_run_cost": cost / run_cost if run_cost else None,
+            "source": price.source,
+            "taken": price.taken.isoformat(),
+        }
+    return out

@@ -85,6 +85,9 @@ def format_summary(s: dict[str, Any]) -> str:
         ("tokens prompt / cached / output",
          f"{num(s['prompt_tokens'])} / {num(s['cached_prompt_tokens'])} / {num(s['completion_tokens'])}"),
         ("cost", f"${s['cost_usd']:.6f}"),
+        *[(f"  at {h['description']}", f"${h['cost_usd']:.6f}" + (
+            f" ({h['times_run_cost']:.1f}x this run)" if h.get("times_run_cost") else ""))
+          for h in s.get("hosted_comparison", {}).values()],
         ("wall time", f"{s['wall_s']:.1f} s (engine start {num(s['engine_start_s'], '.1f')} s)"),
         ("throughput", f"{num(s['records_per_s'], '.2f')} records/s, {num(s['output_tokens_per_s'], '.1f')} "
                        f"output tokens/s ({num(s['steady_output_tokens_per_s'], '.1f')} at steady state)"),

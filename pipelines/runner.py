@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from pipelines.account import hosted_comparison
 from pipelines.adapters import Adapter, check_adapter
 from pipelines.config.load import Job
 from pipelines.commit import (
@@ -246,6 +247,7 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
         "output": {"path": join(spec.output.path, run_id), "format": spec.output.format, "results": files,
                    "rejects": reject_files},
     }
+    summary["hosted_comparison"] = hosted_comparison(totals, totals["cost_usd"] or 0.0, job.hosted)
     found = quality(results, spec) if files else None
     if found is not None:
         summary["quality"] = found

@@ -35,3 +35,24 @@ def test_cached_rate_defaults_to_input_rate():
                       "completion_tokens": pa.array([0], pa.int64())})
     out = account_batch(batch, price=price.model_dump(mode="json"), model="m", run_id="r")
     assert out.column("cost_usd")[0].as_py() == pytest.approx(10 * 2.0 / 1e6)
+
+
+def test_hosted_comparison_prices_the_run_tokens_at_each_reference():
+    from pipelines.account import hosted_comparison
+    from pipelines.config.prices import HostedPrice
+
+    hosted = {
+        "batch-api": HostedPrice(description="A batch API", input_per_1m=0.075, output_per_1m=0.30,
+                                 source="s", taken=dt.date(2026, 7, 5)),
+        "with-cache": HostedPrice(description="Cached input at a discount", input_per_1m=1.0,
+                                  cached_input_per_1m=0.25, output_per_1m=4.0, source="s", taken=dt.date(2026, 7, 5)),
+    }
+    totals = {"prompt_tokens": 2_000_000, "cached_prompt_tokens": 500_000, "completion_tokens": 100_000}
+    out = hosted_comparison(totals, 0.05, hosted)
+    # 2M prompt tokens (no cache rate: all at the input price) + 0.1M output.
+    assert out["batch-api"]["cost_usd"] == pytest.approx(2.0 * 0.075 + 0.1 * 0.30)  # 0.18
+    assert out["batch-api"]["times_run_cost"] == pytest.approx(0.18 / 0.05)
+    # 1.5M uncached at 1.0, 0.5M cached at 0.25, 0.1M output at 4.0.
+    assert out["with-cache"]["cost_usd"] == pytest.approx(1.5 + 0.125 + 0.4)
+    assert out["with-cache"]["taken"] == "2026-07-05" and out["with-cache"]["description"].startswith("Cached")
+    assert hosted_comparison(totals, 0.0, hosted)["batch-api"]["times_run_cost"] is None

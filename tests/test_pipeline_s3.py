@@ -115,6 +115,12 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
     assert summary["completion_tokens"] == results["completion_tokens"].sum()
     assert summary["cached_prompt_tokens"] == results["cached_prompt_tokens"].sum()
     assert summary["errors_by_kind"] == {"empty_input": 2}
+    # What the same tokens would have cost at each dated hosted price in the book.
+    mini = summary["hosted_comparison"]["openai-batch-gpt-4o-mini"]
+    assert mini["cost_usd"] == pytest.approx((summary["prompt_tokens"] * 0.075 + summary["completion_tokens"] * 0.30)
+                                             / 1e6)
+    assert mini["times_run_cost"] == pytest.approx(mini["cost_usd"] / summary["cost_usd"])
+    assert set(summary["hosted_comparison"]) == set(job.hosted)
     assert set(results["model"].unique()) == {"SmolLM2-135M-Instruct"}
     assert set(results["run_id"].unique()) == {"e2e"}
     assert summary["engine_start_s"] > 0 and summary["output_tokens_per_s"] > 0

@@ -30,6 +30,7 @@ class Job:
     price: ModelPrice
     spec_path: Path
     conf_dir: Path
+    hosted: dict[str, ModelPrice] = dataclasses.field(default_factory=dict)
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -137,4 +138,4 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
             f"{conf / 'prices.yaml'}: models: no price for {engine.display_model!r} "
             f"(engine profile {engine.name!r}); known: {', '.join(sorted(book.models))}"
         )
-    return Job(spec=spec, engine=engine, price=price, spec_path=path, conf_dir=conf)
+    return Job(spec=spec, engine=engine, price=price, spec_path=path, conf_dir=conf, hosted=dict(book.hosted))

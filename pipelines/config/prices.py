@@ -25,10 +25,18 @@ class ModelPrice(BaseModel):
         return self.input_per_1m if self.cached_input_per_1m is None else self.cached_input_per_1m
 
 
+class HostedPrice(ModelPrice):
+    """A hosted API's list price, for comparison: what the run's tokens would have cost there."""
+
+    description: str = Field(..., description="The offering, e.g. `OpenAI Batch API, gpt-4o-mini`.")
+
+
 class PriceBook(BaseModel):
-    """The price book: per-model token prices used for every record's `cost_usd`."""
+    """The price book: per-model token prices used for every record's `cost_usd`, and hosted references."""
 
     model_config = ConfigDict(extra="forbid")
 
     currency: str = Field("USD", pattern="^USD$", description="Only US dollars for now.")
     models: dict[str, ModelPrice] = Field(..., description="Prices keyed by the engine profile's `model_name`.")
+    hosted: dict[str, HostedPrice] = Field(
+        default_factory=dict, description="Dated hosted prices every summary compares the run's tokens against.")
