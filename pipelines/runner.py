@@ -127,9 +127,10 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         plan = plan_input(spec, storage, uri=join(spec.output.path, run_id, STAGED_DIR))
 
     manifests = read_manifests(out_fs, run_root)
+    resumed = bool(manifests)
     removed = remove_uncommitted(out_fs, run_root, manifests)
     todo = plan.without(set(manifests))
-    if manifests:
+    if resumed:
         log.info("run %s: resuming: %d shards committed, %d to do, %d stale files removed",
                  run_id, len(manifests), len(todo.shards), removed)
     committer = Committer(out_fs, run_root, todo, rejects=rejects_schema(job, plan), run_id=run_id)
@@ -183,8 +184,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     manifests = read_manifests(out_fs, run_root)
     remove_uncommitted(out_fs, run_root, manifests)  # files of retried tasks and quarantined shards
     summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,
-                        started_at=started_at, resumed=bool(manifests) and len(todo.shards) < len(plan.shards),
-                        shards_redone=len(todo.shards))
+                        started_at=started_at, resumed=resumed, shards_redone=len(todo.shards))
     if spec.output.format == "openai_batch":
         batch = write_batch_files(summary["output"]["results"], summary["output"]["rejects"], out_fs, run_root,
                                   id_column=spec.id_column, run_id=run_id, created=int(started_at.timestamp()))
