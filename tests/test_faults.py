@@ -196,10 +196,15 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
         return lambda: sum("/results/" in k for k in keys(client, root)) >= n
 
     def kill(name: str) -> int:
-        victims = [p for p in psutil.process_iter(["name", "cmdline"])
-                   if name in (p.info["name"] or "") or name in " ".join(p.info["cmdline"] or [])]
-        for p in victims:
-            p.kill()
+        # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
+        victims = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if name in p.name() or name in " ".join(p.cmdline()):
+                    p.kill()
+                    victims.append(p)
+            except psutil.Error:  # gone meanwhile
+                pass
         return len(victims)
 
     wait_for(results_written(1), proc)
