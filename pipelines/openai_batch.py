@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from pipelines.config.job import JobSpec, SamplingSpec
-from pipelines.errors import InputError
-from pipelines.storage import StorageOptions, filesystem_for, join
+from pipelines.read import input_files
+from pipelines.storage import StorageOptions, join
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,7 @@ class Reject(Exception):
 
 def request_files(uri: str, storage: StorageOptions) -> tuple[Any, list[str]]:
     """The `.jsonl` request files at `uri` (a file or a folder), as the filesystem names them."""
-    fs, root = filesystem_for(uri, storage)
-    try:
-        exists = fs.exists(root)
-        is_dir = exists and fs.isdir(root)
-        files = sorted(p for p in fs.find(root) if p.endswith(".jsonl")) if is_dir else [root]
-    except Exception as exc:  # noqa: BLE001 - any store error is the user's to see, with the path
-        raise InputError(f"input.path {uri}: cannot list it: {exc}") from None
-    if not exists:
-        raise InputError(f"input.path {uri}: no such file or folder")
-    if not files:
-        raise InputError(f"input.path {uri}: the folder holds no .jsonl request files")
+    fs, _, files = input_files(uri, storage, ".jsonl", ".jsonl request files")
     return fs, files
 
 

@@ -132,23 +132,30 @@ def _display(uri: str, root: str, path: str) -> str:
     return uri.rstrip("/") + path[len(root.rstrip("/")) :] if path.startswith(root) and "://" in uri else path
 
 
+def input_files(uri: str, storage: StorageOptions, suffix: str, what: str) -> tuple[Any, str, list[str]]:
+    """The files ending in `suffix` at `uri` (a file, or a folder searched recursively), sorted, with their
+    filesystem and `uri` as it names it. Raises InputError naming the path when it is missing, unlistable or holds none (`what`)."""
+    fs, root = filesystem_for(uri, storage)
+    try:
+        exists = fs.exists(root)
+        is_dir = exists and fs.isdir(root)
+        files = sorted(p for p in fs.find(root) if p.endswith(suffix)) if is_dir else [root]
+    except Exception as exc:  # noqa: BLE001 - any store error is the user's to see, with the path
+        raise InputError(f"input.path {uri}: cannot list it: {exc}") from None
+    if not exists:
+        raise InputError(f"input.path {uri}: no such file or folder")
+    if not files:
+        raise InputError(f"input.path {uri}: the folder holds no {what}")
+    return fs, root, files
+
+
 def plan_input(spec: JobSpec, storage: StorageOptions, uri: str | None = None) -> InputPlan:
     """List and check the input shards named by `spec.input.path` (or `uri`: staged OpenAI batch requests).
 
     Raises InputError when the path is missing or empty, or when no shard is usable.
     """
     uri = uri or spec.input.path
-    fs, root = filesystem_for(uri, storage)
-    try:
-        exists = fs.exists(root)
-        is_dir = exists and fs.isdir(root)
-        files = sorted(p for p in fs.find(root) if p.endswith(".parquet")) if is_dir else [root]
-    except Exception as exc:  # noqa: BLE001 - any store error is the user's to see, with the path
-        raise InputError(f"input.path {uri}: cannot list it: {exc}") from None
-    if not exists:
-        raise InputError(f"input.path {uri}: no such file or folder")
-    if not files:
-        raise InputError(f"input.path {uri}: the folder holds no .parquet files")
+    fs, root, files = input_files(uri, storage, ".parquet", ".parquet files")
 
     def footer(path: str) -> Shard | Quarantined:
         shown = _display(uri, root, path)
