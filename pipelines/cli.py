@@ -69,8 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "with --task, 128 (classify) or 64 (extract); with --resume, 128")
     bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
     bench.add_argument("--json", type=Path, help="also write the figures to this file")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="measure the engine profile's start-up, work rate and decode/cached weights (the "
+                            "figures for its `cost:` section)")
+
+    plan = sub.add_parser("plan", help="dry run: rows, rejects, tokens, accelerator time and cost per engine "
+                                       "profile, without starting an engine")
+    _add_job_args(plan)
+    plan.add_argument("--sample", type=int, metavar="N", help="read only the first N rows and scale up")
+    plan.add_argument("--deadline", metavar="DURATION",
+                      help="finish within this long (e.g. 90m, 2h, 600s): how many replicas each profile needs")
+    plan.add_argument("--json", type=Path, help="also write the plan to this file")
+
+    report = sub.add_parser("report", help="rebuild a run's summary.json and report.html from its committed results")
+    report.add_argument("run_path", help="the run's folder: <output.path>/<run id>, local or object storage")
+    report.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
     sub.add_parser("reference", help="print the configuration reference (markdown) from the config models")
     return parser
+
+
+def cost_line(s: dict[str, Any]) -> str:
+    c = s.get("cost") or {"mode": "per_token", "total_usd": s["cost_usd"], "per_1k_records_usd": None}
+    per_1k = f", ${c['per_1k_records_usd']:.6f} per 1k records" if c.get("per_1k_records_usd") is not None else ""
+    line = f"${c['total_usd']:.6f} ({c['mode'].replace('_', ' ')}{per_1k})"
+    if c["mode"] == "accelerator_time":
+        line += (f": {c['replica_hours'] * 3600:.1f} replica-s at ${c['rates']['usd_per_hour']}/h; busy "
+                 f"${c['compute_usd']:.6f}, start-up ${c['startup_usd']:.6f}, idle ${c['idle_usd']:.6f}")
+    return line
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -84,7 +110,7 @@ def format_summary(s: dict[str, Any]) -> str:
                                      f" ({num(s['records_rejected'])} rejected before or by the engine)"),
         ("tokens prompt / cached / output",
          f"{num(s['prompt_tokens'])} / {num(s['cached_prompt_tokens'])} / {num(s['completion_tokens'])}"),
-        ("cost", f"${s['cost_usd']:.6f}"),
+        ("cost", cost_line(s)),
         *[(f"  at {h['description']}", f"${h['cost_usd']:.6f}" + (
             f" ({h['times_run_cost']:.1f}x this run)" if h.get("times_run_cost") else ""))
           for h in s.get("hosted_comparison", {}).values()],
@@ -92,6 +118,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ("throughput", f"{num(s['records_per_s'], '.2f')} records/s, {num(s['output_tokens_per_s'], '.1f')} "
                        f"output tokens/s ({num(s['steady_output_tokens_per_s'], '.1f')} at steady state)"),
         ("results", s["output"]["path"]),
+        ("report", f"{s['output']['path']}/report.html"),
     ]
     if s.get("errors_by_kind"):
         rows.insert(3, ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items())))
@@ -168,7 +195,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         format_bench, format_resume_bench, format_task_bench, run_bench, run_resume_bench, run_task_bench,
     )
 
-    if args.resume:
+    if args.calibrate:
+        from pipelines.bench import format_calibration, run_calibration
+
+        result = run_calibration(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                                 conf_dir=args.conf_dir, rows=args.rows or 256)
+        print(format_calibration(result))
+    elif args.resume:
         result = run_resume_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
                                   conf_dir=args.conf_dir, rows=args.rows or 128)
         print(format_resume_bench(result))
@@ -196,7 +229,42 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "models": _cmd_models, "samples": _cmd_samples, "bench": _cmd_bench}
+def parse_duration(text: str) -> float:
+    """`90m`, `2h`, `600s` or `600` as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--deadline {text!r}: expected a duration such as 600s, 90m or 2h") from None
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipelines.config import load_job
+    from pipelines.plan import format_plan, plan_job
+
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    result = plan_job(job, sample=args.sample, deadline_s=parse_duration(args.deadline) if args.deadline else None)
+    print(format_plan(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import rebuild
+
+    summary = rebuild(args.run_path)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print("\ntokenmill run summary (rebuilt from the committed results)\n" + format_summary(summary))
+    return 0
+
+
+COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "models": _cmd_models,
+            "samples": _cmd_samples, "bench": _cmd_bench, "plan": _cmd_plan, "report": _cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

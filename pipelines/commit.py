@@ -38,6 +38,20 @@ MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 
 
+def replace_file(fs, path: str, write) -> None:
+    """Write `path` whole through `write(file)`, so that readers see the old file or the new one, never a part."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as f:  # one PUT: the object is replaced whole
+            write(f)
+        return
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "wb") as f:
+        write(f)
+    fs.mv(tmp, path)
+
+
 def write_json_atomic(fs, path: str, payload: dict[str, Any], *, exclusive: bool = False) -> bool:
     """Write a small JSON object so that readers see all of it or nothing.
 

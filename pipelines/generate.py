@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.adapters import Adapter, local_adapter
 from pipelines.config.engine import EngineProfile
 from pipelines.config.job import SamplingSpec
 from pipelines.errors import ConfigError
 from pipelines.models import resolve_engine_paths
-from pipelines.observe import stats_handle
+from pipelines.observe import ReplicaLedger
 from pipelines.paths import tokenmill_home
 from pipelines.storage import StorageOptions
 
@@ -164,10 +165,12 @@ class VLLMGenerator:
     column (JSON, per row) overrides the sampling for its row.
     """
 
-    def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], stats_actor: str | None = None,
+    def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], ledger: dict[str, Any] | None = None,
                  adapter: Adapter | None = None, storage: StorageOptions | None = None,
                  structured: dict[str, Any] | None = None, logprobs: bool = False):
         self.profile = EngineProfile.model_validate(profile)
+        # Before anything slow: the replica is billed from its creation.
+        self.ledger = ReplicaLedger(profile=self.profile.name, **ledger) if ledger else None
         model_path, tokenizer_path = resolve_engine_paths(self.profile.model, self.profile.tokenizer)
         self.lora_request = None
         extra: dict[str, Any] = {}
@@ -184,9 +187,8 @@ class VLLMGenerator:
         self.sampling = SamplingSpec.model_validate(sampling)
         self.params = sampling_params(self.sampling, structured=structured, logprobs=logprobs)
         self.logprobs = logprobs
-        self.stats = stats_handle(stats_actor)
-        if self.stats is not None:
-            self.stats.engine_started.remote(self.engine_start_s)
+        if self.ledger is not None:
+            self.ledger.ready(self.engine_start_s)
         log.info("engine %s ready in %.1f s", self.profile.name, self.engine_start_s)
 
     def __del__(self) -> None:
@@ -274,8 +276,8 @@ class VLLMGenerator:
                 if self.logprobs and completion_output.cumulative_logprob is not None:
                     logprob[i] = completion_output.cumulative_logprob
         ended = time.time()
-        if self.stats is not None and todo:
-            self.stats.batch_done.remote(started, ended, len(todo), sum(c or 0 for c in completion))
+        if self.ledger is not None and todo:
+            self.ledger.batch(started, ended, len(todo), sum(c or 0 for c in completion))
 
         drop = ["error", "prompt_tokens", *(["image"] if has_images else [])]
         result = batch.drop_columns(drop)
@@ -288,5 +290,8 @@ class VLLMGenerator:
         if self.logprobs:
             result = result.append_column("output_logprob", pa.array(logprob, pa.float64()))
         result = result.append_column("error", pa.array(errors, pa.string()))
+        at = pa.scalar(int(ended * 1e6), pa.timestamp("us", tz="UTC"))
+        result = result.append_column("generated_at", pc.if_else(
+            pc.is_valid(result.column("completion_tokens")), at, pa.scalar(None, at.type)))
         assert result.num_rows == n, "VLLMGenerator must map each row to exactly one row"
         return result

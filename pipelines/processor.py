@@ -12,6 +12,7 @@ from pipelines.account import account_batch
 from pipelines.adapters import Adapter
 from pipelines.config.load import Job
 from pipelines.generate import VLLMGenerator, actor_env, structured_outputs
+from pipelines.metrics import count_written
 from pipelines.parse import parse_batch
 from pipelines.prompt import render_batch, task_instructions
 from pipelines.read import InputPlan, read_dataset
@@ -20,10 +21,13 @@ from pipelines.storage import StorageOptions
 from pipelines.write import reject_schema, result_schema, write_batch
 
 
-def postprocess_batch(batch: pa.Table, *, parse: dict, price: dict, model: str, run_id: str, write: dict) -> pa.Table:
+def postprocess_batch(batch: pa.Table, *, parse: dict, account: dict, run_id: str, write: dict,
+                      tags: dict[str, str]) -> pa.Table:
     """parse -> account -> write, fused into one task per batch; returns what was written (`write.WRITTEN`)."""
     parsed = parse_batch(batch, **parse)
-    return write_batch(account_batch(parsed, price=price, model=model, run_id=run_id), run_id=run_id, **write)
+    written = write_batch(account_batch(parsed, run_id=run_id, **account), run_id=run_id, **write)
+    count_written(written, tags=tags)
+    return written
 
 
 def output_schema(job: Job, plan: InputPlan) -> pa.Schema:
@@ -69,7 +73,7 @@ def prompt_kwargs(job: Job, *, tokenizer_path: str, storage: StorageOptions) -> 
 
 
 def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_fs, tokenizer_path: str,
-                  storage: StorageOptions, adapter: Adapter | None = None, stats_actor: str | None = None,
+                  storage: StorageOptions, adapter: Adapter | None = None, attempt: str = "",
                   duplicates: dict[str, dict[int, str]] | None = None):
     """The job as a lazy Ray dataset whose rows report what was written (`pipelines.write.WRITTEN`).
 
@@ -82,7 +86,8 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         tokenizer_path: The engine's tokenizer, resolved (see `pipelines.models.resolve_model`).
         storage: Resolved object-store access (image URIs, the LoRA adapter).
         adapter: The job's checked LoRA adapter (`pipelines.adapters.check_adapter`), if any.
-        stats_actor: Name of the run's `pipelines.observe.RunStats` actor, if any.
+        attempt: This attempt's id, under which each replica keeps its time in the
+            run's ledger (`pipelines.observe`).
     """
     from ray.data import ActorPoolStrategy
 
@@ -101,7 +106,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         fn_constructor_kwargs={
             "profile": engine.model_dump(mode="json"),
             "sampling": spec.sampling.model_dump(mode="json"),
-            "stats_actor": stats_actor,
+            "ledger": {"fs": out_fs, "run_root": run_root, "attempt": attempt},
             "adapter": adapter,
             "storage": storage,
             "structured": structured_outputs(spec),
@@ -124,16 +129,21 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         postprocess_batch,
         fn_kwargs={
             "parse": parse_kwargs(job),
-            "price": job.price.model_dump(mode="json"),
-            "model": engine.display_model,
+            "account": {
+                "mode": spec.cost.mode,
+                "price": job.price.model_dump(mode="json"),
+                "weights": engine.cost.model_dump(mode="json") if engine.cost else None,
+                "model": engine.display_model,
+            },
             "run_id": run_id,
+            "tags": {"job": spec.name, "run_id": run_id},
             "write": {
                 "fs": out_fs,
                 "run_root": run_root,
                 "results": output_schema(job, plan),
                 "rejects": rejects_schema(job, plan),
                 "shard_uris": {s.key: s.uri for s in plan.shards},
-                "compression": None if spec.output.compression == "none" else spec.output.compression,
+                "compression": spec.output.parquet_compression,
             },
         },
         batch_format="pyarrow",

@@ -13,25 +13,26 @@ import time
 import uuid
 from typing import Any
 
-from pipelines.account import hosted_comparison
+from pipelines.account import accelerator_bill, attribute_accelerator_cost, hosted_comparison
 from pipelines.adapters import Adapter, check_adapter
-from pipelines.config.load import Job
+from pipelines.config.load import Job, job_snapshot
 from pipelines.commit import (
     RUN_FILE, SUCCESS, Committer, read_json, read_manifests, remove_uncommitted, write_json_atomic,
 )
 from pipelines.errors import ConfigError, EngineError, RunAborted
 from pipelines.generate import vllm_engine_args
 from pipelines.models import resolve_engine_paths
-from pipelines.observe import EngineStats, start_stats_actor
+from pipelines.metrics import set_accrued
+from pipelines.observe import EngineStats, read_ledger, stop_attempt
 from pipelines.processor import build_dataset, rejects_schema
 from pipelines.openai_batch import request_files, stage_requests, write_batch_files
+from pipelines.report import SUMMARY_FILE, write_report
 from pipelines.read import InputPlan, find_duplicates, plan_input
 from pipelines.storage import StorageOptions, filesystem_for, join, protocol_of, to_uri
-from pipelines.summary import quality, reject_totals, result_totals, scan_results
+from pipelines.summary import by_label, by_shard, quality, reject_totals, result_totals, scan_results
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 STAGED_DIR = "input"  # OpenAI batch requests, checked and staged as Parquet
 
 
@@ -86,7 +87,8 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
             raise ConfigError(f"output.path: {where} exists but is not a tokenmill run; choose another --run-id")
         created = write_json_atomic(out_fs, join(run_root, RUN_FILE), {
             "run_id": run_id, "job": job.spec.name, "fingerprint": fingerprint,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}, exclusive=True)
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "snapshot": job_snapshot(job)},
+            exclusive=True)
         if created:
             return None
         state = read_json(out_fs, join(run_root, RUN_FILE))  # another attempt started it a moment ago
@@ -140,7 +142,6 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
 
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    engine = EngineStats()
     aborted = None
     if todo.shards:
         _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
@@ -149,15 +150,16 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = progress
-        stats_name = f"tokenmill-stats-{run_id}-{uuid.uuid4().hex[:8]}"  # an earlier attempt's may linger
-        stats_actor = start_stats_actor(stats_name)
+        attempt = uuid.uuid4().hex[:8]
         processed = failed = 0
+        meter = Progress(job, run_id, out_fs, run_root, total=sum(s.num_rows for s in todo.shards))
         try:
             ds = build_dataset(job, todo, run_id=run_id, run_root=run_root, out_fs=out_fs,
                                tokenizer_path=tokenizer_path, storage=storage, adapter=adapter,
-                               stats_actor=stats_name, duplicates=duplicates)
+                               attempt=attempt, duplicates=duplicates)
             for written in ds.iter_rows():
                 committer.record(written)
+                meter.add(written)
                 processed += written["results_rows"] + written["rejects_rows"]
                 failed += written["failed_rows"] + written["rejects_rows"]
                 limit = spec.failures
@@ -167,12 +169,12 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
                                f"{len(committer.committed)} shards committed stay valid; see the rejects, fix the "
                                "cause and run again to resume")
                     break
-            engine = ray.get(stats_actor.get.remote())
         except ray.exceptions.RayError as exc:
             raise EngineError(f"run {run_id} failed: {exc}; committed shards stay valid, run again to resume") \
                 from exc
         finally:
-            ray.kill(stats_actor)
+            stop_attempt(out_fs, run_root, attempt)  # the pool is shut down with the dataset: billing ends
+        meter.done()
     wall = time.perf_counter() - t0
     incomplete = committer.finish()
     if aborted:
@@ -183,6 +185,11 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
 
     manifests = read_manifests(out_fs, run_root)
     remove_uncommitted(out_fs, run_root, manifests)  # files of retried tasks and quarantined shards
+    engine = EngineStats.from_ledger(read_ledger(out_fs, run_root))
+    if spec.cost.mode == "accelerator_time":
+        bill = accelerator_bill(engine, job.accelerator_price, job.engine.billed_units)
+        attribute_accelerator_cost(out_fs, committed_results(manifests), compute_usd=bill["compute_usd"],
+                                   overhead_usd=bill["overhead_usd"], compression=spec.output.parquet_compression)
     summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,
                         started_at=started_at, resumed=resumed, shards_redone=len(todo.shards))
     if spec.output.format == "openai_batch":
@@ -191,11 +198,12 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         summary["output"].update(
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"])
-    write_json_atomic(out_fs, join(run_root, SUMMARY_FILE), summary)
+    write_report(out_fs, run_root, summary, storage)
     write_json_atomic(out_fs, join(run_root, SUCCESS), {
         "run_id": run_id, "results": summary["output"]["results"], "rejects": summary["output"]["rejects"],
         **{k: summary[k] for k in ("records_in", "records_out", "records_rejected", "prompt_tokens",
-                                   "completion_tokens", "cost_usd")}})
+                                   "completion_tokens", "cost_usd", "started_at", "finished_at", "wall_s",
+                                   "resumed", "shards_redone")}})
     return summary
 
 
@@ -209,14 +217,13 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
                    if m["state"] == "quarantined"]
     files = sorted(to_uri(f, protocol) for m in committed for f in m["results"])
     reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m["rejects"])
-    results = scan_results(files, storage)
+    results = scan_results(files, storage, with_file=True)
     totals = result_totals(results, spec.id_column)
     rejects = reject_totals(scan_results(reject_files, storage))
     records_in = sum(m["rows"] for m in committed)
     kinds = dict(totals.pop("errors_by_kind"))
     for kind, n in rejects["by_reason"].items():
         kinds[kind] = kinds.get(kind, 0) + n
-    steady = engine.steady_seconds
     summary = {
         "run_id": run_id,
         "job": spec.name,
@@ -239,15 +246,20 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
         "records_per_s": round(totals["records_out"] / wall, 3) if wall and totals["records_out"] else None,
         "output_tokens_per_s": round(totals["completion_tokens"] / wall, 3) if wall else None,
         "engine_start_s": round(max(engine.engine_start_s), 3) if engine.engine_start_s else None,
-        "engine_replicas": len(engine.engine_start_s),
-        "steady_output_tokens_per_s": round(engine.output_tokens / steady, 3) if steady else None,
+        "engine_replicas": engine.replicas,
+        "steady_output_tokens_per_s": round(engine.output_tokens / engine.steady_s, 3) if engine.steady_s else None,
+        "cost": cost_lines(job, totals, engine),
         "price": {"model": job.engine.display_model, **job.price.model_dump(mode="json")},
         "input": {"path": spec.input.path, "format": spec.input.format, "shards": len(committed),
                   "quarantined": quarantined},
         "output": {"path": join(spec.output.path, run_id), "format": spec.output.format, "results": files,
                    "rejects": reject_files},
     }
-    summary["hosted_comparison"] = hosted_comparison(totals, totals["cost_usd"] or 0.0, job.hosted)
+    summary["hosted_comparison"] = hosted_comparison(totals, summary["cost"]["total_usd"], job.hosted)
+    if files:
+        summary["by_shard"] = by_shard(results, {k: m["path"] for k, m in manifests.items()})
+        if spec.task == "classify":
+            summary["by_label"] = by_label(results)
     found = quality(results, spec) if files else None
     if found is not None:
         summary["quality"] = found
@@ -255,3 +267,75 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
         log.error("run %s: %d records in committed shards but %d results and %d rejects", run_id, records_in,
                   totals["records_out"], rejects["rows"])
     return summary
+
+
+def committed_results(manifests: dict[str, dict]) -> list[str]:
+    """The results files of the committed shards."""
+    return sorted(f for m in manifests.values() if m["state"] == "committed" for f in m["results"])
+
+
+def cost_lines(job: Job, totals: dict, engine: EngineStats) -> dict[str, Any]:
+    """The run's cost as a finance reader wants it: the mode, the total, its parts, and per 1k records."""
+    records = totals["records_out"]
+    total = totals["cost_usd"] or 0.0
+    lines: dict[str, Any] = {"mode": job.spec.cost.mode, "total_usd": total,
+                             "per_1k_records_usd": 1000 * total / records if records else None}
+    if job.spec.cost.mode == "per_token":
+        p = job.price
+        uncached = totals["prompt_tokens"] - totals["cached_prompt_tokens"]
+        lines.update(input_usd=uncached * p.input_per_1m / 1e6,
+                     cached_input_usd=totals["cached_prompt_tokens"] * p.cached_rate / 1e6,
+                     output_usd=totals["completion_tokens"] * p.output_per_1m / 1e6,
+                     rates={"model": job.engine.display_model, **p.model_dump(mode="json")})
+        return lines
+    rate, weights = job.accelerator_price, job.engine.cost
+    bill = accelerator_bill(engine, rate, job.engine.billed_units)
+    lines.update(bill, compute_share=bill["compute_usd"] / bill["total_usd"] if bill["total_usd"] else None,
+                 work_units=totals.get("work_units"), attributed_usd=total,
+                 rates={"accelerator": weights.accelerator, "units_per_replica": job.engine.billed_units,
+                        **rate.model_dump(mode="json"), "decode_weight": weights.decode_weight,
+                        "cached_weight": weights.cached_weight})
+    lines["total_usd"] = bill["total_usd"]
+    lines["per_1k_records_usd"] = 1000 * bill["total_usd"] / records if records else None
+    return lines
+
+
+class Progress:
+    """A progress line every few seconds: records, tokens, output tokens/s and dollars so far (also set as a
+    Ray metric)."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, job: Job, run_id: str, fs, run_root: str, *, total: int) -> None:
+        self.job, self.run_id, self.fs, self.run_root, self.total = job, run_id, fs, run_root, total
+        self.records = self.prompt = self.output = 0
+        self.token_usd = 0.0
+        self.t0 = self.last = time.perf_counter()
+
+    def accrued_usd(self) -> float:
+        if self.job.spec.cost.mode == "per_token":
+            return self.token_usd
+        rate = self.job.accelerator_price
+        now = time.time()
+        seconds = sum((e.get("stopped_at") or now) - e["created_at"] for e in read_ledger(self.fs, self.run_root))
+        return seconds * rate.usd_per_hour * self.job.engine.billed_units / 3600
+
+    def add(self, written: dict) -> None:
+        self.records += written["results_rows"] + written["rejects_rows"]
+        self.prompt += written["prompt_tokens"] or 0
+        self.output += written["completion_tokens"] or 0
+        self.token_usd += written["cost_usd"] or 0.0
+        if time.perf_counter() - self.last >= self.EVERY_S:
+            self.report()
+
+    def report(self) -> None:
+        self.last = time.perf_counter()
+        usd = self.accrued_usd()
+        set_accrued(usd, tags={"job": self.job.spec.name, "run_id": self.run_id})
+        elapsed = self.last - self.t0
+        log.info("run %s: %d/%d records, %d prompt + %d output tokens, %.1f output tokens/s, $%.6f so far",
+                 self.run_id, self.records, self.total, self.prompt, self.output,
+                 self.output / elapsed if elapsed else 0.0, usd)
+
+    def done(self) -> None:
+        self.report()

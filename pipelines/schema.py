@@ -16,9 +16,13 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("cached_prompt_tokens", pa.int64()),
+    pa.field("work_units", pa.float64()),
     pa.field("cost_usd", pa.float64()),
+    pa.field("compute_usd", pa.float64()),
+    pa.field("overhead_usd", pa.float64()),
     pa.field("model", pa.string()),
     pa.field("run_id", pa.string()),
+    pa.field("generated_at", pa.timestamp("us", tz="UTC")),
     pa.field("error", pa.string()),
 ]
 

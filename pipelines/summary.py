@@ -7,12 +7,15 @@ import polars as pl
 from pipelines.storage import StorageOptions, protocol_of
 
 
-def scan_results(uris: list[str], storage: StorageOptions) -> pl.LazyFrame | None:
-    """Parquet files (results or rejects) as one lazy polars frame, local or in object storage; None if none."""
+def scan_results(uris: list[str], storage: StorageOptions, *, with_file: bool = False) -> pl.LazyFrame | None:
+    """Parquet files (results or rejects) as one lazy polars frame, local or in object storage; None if none.
+
+    With `with_file`, a `_file` column names each row's file.
+    """
     if not uris:
         return None
     opts = storage.polars_kwargs(protocol_of(uris[0]))
-    return pl.scan_parquet(uris, storage_options=opts or None)
+    return pl.scan_parquet(uris, storage_options=opts or None, include_file_paths="_file" if with_file else None)
 
 
 def reject_totals(rejects: pl.LazyFrame | None) -> dict:
@@ -29,7 +32,8 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
     """Counts, token totals and cost of a run's results (rows the engine generated)."""
     if results is None:
         return {"records_out": 0, "records_ok": 0, "records_failed": 0, "distinct_ids": 0, "prompt_tokens": 0,
-                "completion_tokens": 0, "cached_prompt_tokens": 0, "cost_usd": 0.0, "errors_by_kind": {}}
+                "completion_tokens": 0, "cached_prompt_tokens": 0, "work_units": 0.0, "cost_usd": 0.0,
+                "compute_usd": 0.0, "overhead_usd": 0.0, "errors_by_kind": {}}
     row = (
         results.select(
             pl.len().alias("records_out"),
@@ -39,7 +43,10 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
             pl.col("prompt_tokens").fill_null(0).sum().alias("prompt_tokens"),
             pl.col("completion_tokens").fill_null(0).sum().alias("completion_tokens"),
             pl.col("cached_prompt_tokens").fill_null(0).sum().alias("cached_prompt_tokens"),
+            pl.col("work_units").sum().alias("work_units"),
             pl.col("cost_usd").sum().alias("cost_usd"),
+            pl.col("compute_usd").sum().alias("compute_usd"),
+            pl.col("overhead_usd").sum().alias("overhead_usd"),
         )
         .collect()
         .row(0, named=True)
@@ -53,6 +60,35 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
     )
     row["errors_by_kind"] = {r["kind"]: r["len"] for r in errors.iter_rows(named=True)}
     return row
+
+
+def _usage() -> list[pl.Expr]:
+    return [pl.len().alias("records"), pl.col("error").is_not_null().sum().alias("failed"),
+            pl.col("prompt_tokens").sum().alias("prompt_tokens"),
+            pl.col("completion_tokens").sum().alias("completion_tokens"),
+            pl.col("cost_usd").sum().alias("cost_usd")]
+
+
+def _rows(frame: pl.DataFrame, key: str) -> dict[str, dict]:
+    out = {}
+    for r in frame.iter_rows(named=True):
+        name = r.pop(key)
+        r["cost_per_1k_records_usd"] = 1000 * r["cost_usd"] / r["records"] if r["records"] else None
+        out[name] = r
+    return out
+
+
+def by_shard(results: pl.LazyFrame, shard_of_file: dict[str, str]) -> dict[str, dict]:
+    """Records, tokens and cost per input shard (results files live under `results/<shard key>/`)."""
+    keyed = results.with_columns(
+        pl.col("_file").str.split("/").list.get(-2).replace_strict(shard_of_file, default=None).alias("shard"))
+    return _rows(keyed.group_by("shard").agg(_usage()).sort("shard").collect(), "shard")
+
+
+def by_label(results: pl.LazyFrame) -> dict[str, dict]:
+    """Records, tokens and cost per predicted label; `(none)` for records that got none."""
+    keyed = results.with_columns(pl.col("label").fill_null("(none)"))
+    return _rows(keyed.group_by("label").agg(_usage()).sort("records", descending=True).collect(), "label")
 
 
 def _ratio(num: int, den: int) -> float | None:

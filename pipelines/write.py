@@ -33,6 +33,9 @@ WRITTEN = pa.schema([
     ("rejects_file", pa.string()),
     ("rejects_rows", pa.int64()),
     ("quarantine", pa.string()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("cost_usd", pa.float64()),
 ])
 
 
@@ -90,7 +93,10 @@ def write_batch(batch: pa.Table, *, fs, run_root: str, results: pa.Schema, rejec
         row: dict[str, Any] = {"shard": key, "results_file": None, "results_rows": ok.num_rows,
                                "failed_rows": ok.num_rows - ok.column("error").null_count,
                                "rejects_file": None, "rejects_rows": bad.num_rows,
-                               "quarantine": marker.column("error")[0].as_py() if marker.num_rows else None}
+                               "quarantine": marker.column("error")[0].as_py() if marker.num_rows else None,
+                               "prompt_tokens": pc.sum(ok.column("prompt_tokens")).as_py() or 0,
+                               "completion_tokens": pc.sum(ok.column("completion_tokens")).as_py() or 0,
+                               "cost_usd": pc.sum(ok.column("cost_usd")).as_py() or 0.0}
         if ok.num_rows:
             row["results_file"] = f"{run_root}/results/{key}/{name}.parquet"
             _write(fs, row["results_file"], select_batch(ok, schema=results), compression)

@@ -52,6 +52,39 @@ class EngineArgs(BaseModel):
         return {**kwargs, **self.extra_args}
 
 
+class Throughput(BaseModel):
+    """What one replica of this profile was measured to do (`tokenmill bench --calibrate`); `tokenmill plan`
+    estimates a run's accelerator time from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    startup_s: float = Field(
+        ..., ge=0, description="Seconds a replica is billed beyond its busy time in a pipeline run: engine start-up, "
+        "actor start and shutdown, gaps between batches.")
+    work_per_s: float = Field(
+        ..., gt=0, description="Work units per busy second in a pipeline run (one unit: one uncached prompt token; "
+        "see `cost.decode_weight`).")
+    measured: str = Field(..., description="Where, when and how it was measured.")
+
+
+class CostProfile(BaseModel):
+    """How a replica of this profile is billed, and how its time is shared among the records it served."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator: str = Field(..., description="Key of the hourly rate in the price book's `accelerators`.")
+    units: float | None = Field(
+        None, gt=0, description="Accelerators billed per replica; default `resources.num_gpus` on GPU, "
+        "`resources.num_cpus` on CPU.")
+    decode_weight: float = Field(
+        1.0, gt=0, description="Engine time of one output token, in uncached prompt tokens; measured by "
+        "`tokenmill bench --calibrate`.")
+    cached_weight: float = Field(
+        0.0, ge=0, description="Engine time of one prompt token served from the prefix cache, in uncached prompt "
+        "tokens.")
+    throughput: Throughput | None = Field(None, description="Measured throughput, for `tokenmill plan`.")
+
+
 class EngineProfile(BaseModel):
     """One engine profile: `conf/engines/<name>.yaml`."""
 
@@ -71,10 +104,23 @@ class EngineProfile(BaseModel):
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     engine_args: EngineArgs
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for the engine actors.")
+    cost: CostProfile | None = Field(None, description="Billing and attribution, for `cost.mode: accelerator_time`.")
 
     @property
     def display_model(self) -> str:
         return self.model_name or self.model
+
+    @property
+    def kv_block_size(self) -> int:
+        """Tokens per KV-cache block: the prefix cache reuses whole blocks (vLLM's default: 128 on CPU, 16 on GPU)."""
+        return int(self.engine_args.extra_args.get("block_size") or (128 if self.device == "cpu" else 16))
+
+    @property
+    def billed_units(self) -> float:
+        """Accelerators billed per replica."""
+        if self.cost and self.cost.units is not None:
+            return self.cost.units
+        return self.resources.num_gpus if self.device == "gpu" else self.resources.num_cpus
 
     @model_validator(mode="after")
     def _resources_match_parallelism(self) -> "EngineProfile":

@@ -138,6 +138,10 @@ class OutputSpec(BaseModel):
         False, description="Also write `prompt_token_ids` and `output_token_ids` (audits, debugging)."
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+
+    @property
+    def parquet_compression(self) -> str | None:
+        return None if self.compression == "none" else self.compression
     format: Literal["parquet", "openai_batch"] = Field(
         "parquet", description="`openai_batch` also writes `output.jsonl` and `errors.jsonl` in the OpenAI Batch "
         "API's output shape beside the Parquet results; every record is in exactly one of the two.",
@@ -162,6 +166,19 @@ class FailureSpec(BaseModel):
         "failed (rejected, or generated but unparsable); what was committed stays valid and `--resume` goes on.",
     )
     min_records: int = Field(200, ge=1, description="Records processed before the share is judged.")
+
+
+class CostSpec(BaseModel):
+    """How the run's cost is counted and shared among its records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["per_token", "accelerator_time"] = Field(
+        "per_token", description="`per_token`: each record at the price book's token prices for the model (what a "
+        "hosted API would bill). `accelerator_time`: the replicas' wall time from engine start to shutdown at the "
+        "price book's hourly rate for the engine profile's `cost.accelerator`, shared among the records by the work "
+        "each caused, start-up and idle time apart (`overhead_usd`).",
+    )
 
 
 class ActorPoolSpec(BaseModel):
@@ -200,6 +217,7 @@ class JobSpec(BaseModel):
     lora: LoraSpec | None = Field(None, description="A LoRA adapter for the whole job; none means the base model.")
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
     failures: FailureSpec = Field(default_factory=FailureSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
     batch_size: int | None = Field(
         None, ge=1,
         description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "

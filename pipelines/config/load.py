@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipelines.config.engine import EngineProfile
 from pipelines.config.job import JobSpec
-from pipelines.config.prices import ModelPrice, PriceBook
+from pipelines.config.prices import AcceleratorPrice, ModelPrice, PriceBook
 from pipelines.errors import ConfigError
 from pipelines.paths import conf_dir_for
 
@@ -31,6 +31,7 @@ class Job:
     spec_path: Path
     conf_dir: Path
     hosted: dict[str, ModelPrice] = dataclasses.field(default_factory=dict)
+    accelerator_price: AcceleratorPrice | None = None  # the engine profile's hourly rate, where the book has one
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -138,4 +139,45 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
             f"{conf / 'prices.yaml'}: models: no price for {engine.display_model!r} "
             f"(engine profile {engine.name!r}); known: {', '.join(sorted(book.models))}"
         )
-    return Job(spec=spec, engine=engine, price=price, spec_path=path, conf_dir=conf, hosted=dict(book.hosted))
+    return Job(spec=spec, engine=engine, price=price, spec_path=path, conf_dir=conf, hosted=dict(book.hosted),
+               accelerator_price=accelerator_price(engine, book, conf, required=spec.cost.mode == "accelerator_time"))
+
+
+def accelerator_price(engine: EngineProfile, book: PriceBook, conf: Path, *, required: bool) -> AcceleratorPrice | None:
+    """The hourly rate of the profile's accelerator; a `ConfigError` naming the key when it is required and missing."""
+    where = f"engine profile {engine.name!r}"
+    if engine.cost is None:
+        if required:
+            raise ConfigError(f"cost.mode: accelerator_time needs a `cost:` section (accelerator, weights) in {where}")
+        return None
+    rate = book.accelerators.get(engine.cost.accelerator)
+    if rate is None and required:
+        raise ConfigError(f"{conf / 'prices.yaml'}: accelerators: no hourly rate for {engine.cost.accelerator!r} "
+                          f"({where}, cost.accelerator); known: {', '.join(sorted(book.accelerators)) or 'none'}")
+    return rate
+
+
+def job_snapshot(job: Job) -> dict[str, Any]:
+    """Everything a run's results depend on, as JSON: kept in the run's folder so that its summary and report can
+    be rebuilt from the run alone (`tokenmill report`), whatever has changed in `conf/` since."""
+    return {
+        "spec": job.spec.model_dump(mode="json"),
+        "engine": job.engine.model_dump(mode="json"),
+        "price": job.price.model_dump(mode="json"),
+        "hosted": {k: v.model_dump(mode="json") for k, v in job.hosted.items()},
+        "accelerator_price": job.accelerator_price.model_dump(mode="json") if job.accelerator_price else None,
+        "spec_path": str(job.spec_path),
+        "conf_dir": str(job.conf_dir),
+    }
+
+
+def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
+    """The job a run was started with (`job_snapshot`)."""
+    from pipelines.config.prices import HostedPrice
+
+    rate = snapshot.get("accelerator_price")
+    return Job(spec=JobSpec.model_validate(snapshot["spec"]), engine=EngineProfile.model_validate(snapshot["engine"]),
+               price=ModelPrice.model_validate(snapshot["price"]), spec_path=Path(snapshot["spec_path"]),
+               conf_dir=Path(snapshot["conf_dir"]),
+               hosted={k: HostedPrice.model_validate(v) for k, v in snapshot["hosted"].items()},
+               accelerator_price=AcceleratorPrice.model_validate(rate) if rate else None)

@@ -31,12 +31,27 @@ class HostedPrice(ModelPrice):
     description: str = Field(..., description="The offering, e.g. `OpenAI Batch API, gpt-4o-mini`.")
 
 
+class AcceleratorPrice(BaseModel):
+    """What one accelerator (a GPU, or a CPU core) costs per hour, for `cost.mode: accelerator_time`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(..., description="The hardware and the offering, e.g. `H100 SXM 80GB, on demand`.")
+    usd_per_hour: float = Field(..., gt=0, description="$ per accelerator-hour.")
+    source: str = Field(..., description="Where the figure comes from.")
+    taken: dt.date = Field(..., description="The date the figure was taken.")
+
+
 class PriceBook(BaseModel):
-    """The price book: per-model token prices used for every record's `cost_usd`, and hosted references."""
+    """The price book: per-model token prices, accelerator-hour rates, and hosted references."""
 
     model_config = ConfigDict(extra="forbid")
 
     currency: str = Field("USD", pattern="^USD$", description="Only US dollars for now.")
-    models: dict[str, ModelPrice] = Field(..., description="Prices keyed by the engine profile's `model_name`.")
+    models: dict[str, ModelPrice] = Field(
+        ..., description="Token prices keyed by the engine profile's `model_name`, for `cost.mode: per_token`.")
+    accelerators: dict[str, AcceleratorPrice] = Field(
+        default_factory=dict, description="Hourly rates keyed by the engine profile's `cost.accelerator`, for "
+        "`cost.mode: accelerator_time`.")
     hosted: dict[str, HostedPrice] = Field(
         default_factory=dict, description="Dated hosted prices every summary compares the run's tokens against.")
