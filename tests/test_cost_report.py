@@ -176,8 +176,12 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
     assert image.size == (1200, 3000)
     lo, hi = image.getextrema()
     assert hi - lo > 100  # not a blank page
+    # Kept for people to look at (ignored by git): the screenshot, and plan against run.
     (REPO / ".artifacts").mkdir(exist_ok=True)
     shutil.copy(shot, REPO / ".artifacts/report.png")
+    (REPO / ".artifacts/plan_vs_run.json").write_text(json.dumps({
+        "plan_replica_s": estimate["replica_s"], "run_replica_s": actual_s, "plan_cost_usd": estimate["cost_usd"],
+        "run_cost_usd": cost["total_usd"], "records_cost_sum_usd": results["cost_usd"].sum(), "cost": cost}, indent=2))
 
 
 def test_plan_counts_every_sample_job(capsys, model_path, tmp_path):
