@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", dest="resume", action="store_true", default=True,
                      help="go on with an existing run of this id: skip its committed shards, redo the rest (default)")
     run.add_argument("--no-resume", dest="resume", action="store_false", help="refuse a run id that already exists")
+    run.add_argument("--date", metavar="YYYY-MM-DD",
+                     help="the night this run is for: replaces {date} in input.path and output.path, and names the run")
     run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
@@ -80,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--deadline", metavar="DURATION",
                       help="finish within this long (e.g. 90m, 2h, 600s): how many replicas each profile needs")
     plan.add_argument("--json", type=Path, help="also write the plan to this file")
+
+    submit = sub.add_parser("submit", help="submit a job for one night to a Ray cluster (Jobs API), exactly once, "
+                                           "and wait for it")
+    submit.add_argument("job", type=Path, help="job spec, e.g. conf/jobs/ticket_triage.yaml")
+    submit.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the night (partition) to run")
+    submit.add_argument("--address", help="the cluster's Jobs API (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--runtime-env", type=Path, default=Path("conf/runtime_env.yaml"),
+                        help="Ray runtime_env YAML (working_dir, excludes, non-secret env_vars)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="passed on to the job as --set")
+    submit.add_argument("--no-wait", action="store_true", help="submit (or find) and return without waiting")
+    submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
 
     report = sub.add_parser("report", help="rebuild a run's summary.json and report.html from its committed results")
     report.add_argument("run_path", help="the run's folder: <output.path>/<run id>, local or object storage")
@@ -145,7 +159,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.config import load_job
     from pipelines.runner import run_job
 
-    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date)
     summary = run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -252,6 +266,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.config import load_job
+    from pipelines.submit import SubmitError, default_address, submit
+
+    job = load_job(args.job, overrides=args.overrides, partition=args.date)  # checks the spec before submitting
+    runtime_env = yaml.safe_load(args.runtime_env.read_text()) if args.runtime_env.is_file() else {}
+    extra = [a for kv in args.overrides for a in ("--set", kv)]
+    try:
+        done = submit(address=args.address or default_address(), job=job.spec.name, partition=args.date, args=extra,
+                      runtime_env=runtime_env, wait=not args.no_wait, timeout_s=args.timeout)
+    except SubmitError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"tokenmill submit: {done.submission_id}: {done.status}")
+    failed = done.status in ("FAILED", "STOPPED") or (not args.no_wait and done.status != "SUCCEEDED")
+    return 1 if failed else 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipelines.report import rebuild
 
@@ -264,7 +297,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "models": _cmd_models,
-            "samples": _cmd_samples, "bench": _cmd_bench, "plan": _cmd_plan, "report": _cmd_report}
+            "samples": _cmd_samples, "bench": _cmd_bench, "plan": _cmd_plan, "report": _cmd_report,
+            "submit": _cmd_submit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

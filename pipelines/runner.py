@@ -71,9 +71,10 @@ def spec_fingerprint(job: Job) -> str:
 
 
 def default_run_id(job: Job, fingerprint: str) -> str:
-    """`<job>-<input partition>-<fingerprint>`: a scheduler's retry of the same job on the same input
-    lands on the same run and resumes it; a changed spec or input makes a new run."""
-    leaf = job.spec.input.path.rstrip("/").rsplit("/", 1)[-1] or "input"
+    """`<job>-<partition>-<fingerprint>`: a scheduler's retry of the same job on the same input
+    lands on the same run and resumes it; a changed spec or input makes a new run. The partition is
+    `--date` where given, else the input folder's name."""
+    leaf = job.partition or job.spec.input.path.rstrip("/").rsplit("/", 1)[-1] or "input"
     leaf = re.sub(r"[^A-Za-z0-9_.=-]+", "-", leaf).strip("-")[:40] or "input"
     return f"{job.spec.name}-{leaf}-{fingerprint[:10]}"
 

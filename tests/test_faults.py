@@ -190,7 +190,9 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     prefix, run = "in-engine", "kill-engine"
     expected = make_input(client, prefix, good_shards=8)
     root = f"out/{run}/"
-    proc = driver(overrides(prefix, run), tmp_path / "driver.log")
+    # Long enough outputs that the engine is still at work when the first results are written.
+    proc = driver([*overrides(prefix, run), "--set", "sampling.max_tokens=48", "--set", "sampling.ignore_eos=true"],
+                  tmp_path / "driver.log")
 
     def results_written(n: int):
         return lambda: sum("/results/" in k for k in keys(client, root)) >= n

@@ -46,7 +46,7 @@ def generator(monkeypatch):
     g.profile = SimpleNamespace(name="stand-in")
     g._engine_args = (None, None, None, {})
     g.llm = StandInEngine()
-    g.lora_request, g.logprobs, g.stats = None, False, None
+    g.lora_request, g.logprobs, g.ledger = None, False, None
     g.sampling = SamplingSpec()
     g.params = object()
     return g

@@ -32,6 +32,7 @@ class Job:
     conf_dir: Path
     hosted: dict[str, ModelPrice] = dataclasses.field(default_factory=dict)
     accelerator_price: AcceleratorPrice | None = None  # the engine profile's hourly rate, where the book has one
+    partition: str | None = None  # `--date`: the night this run is for
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -117,7 +118,23 @@ def load_price_book(conf_dir: Path) -> PriceBook:
     return validate(PriceBook, read_yaml(path, "price book"), path)
 
 
-def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -> Job:
+PARTITION = "{date}"
+
+
+def apply_partition(data: dict[str, Any], partition: str | None, source: Path) -> dict[str, Any]:
+    """Put the partition (`--date YYYY-MM-DD`) into `input.path` and `output.path` where they say `{date}`."""
+    for section in ("input", "output"):
+        path = (data.get(section) or {}).get("path")
+        if not isinstance(path, str) or PARTITION not in path:
+            continue
+        if partition is None:
+            raise ConfigError(f"{source}: {section}.path: {path!r} has {PARTITION}; give the night with --date YYYY-MM-DD")
+        data[section]["path"] = path.replace(PARTITION, partition)
+    return data
+
+
+def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str | Path | None = None,
+             partition: str | None = None) -> Job:
     """Read, override and validate a job spec and everything it names.
 
     Args:
@@ -126,9 +143,18 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
             (see `pipelines.config.job.JobSpec` for the keys).
         conf_dir: Folder holding `engines/` and `prices.yaml`; see
             `pipelines.paths.conf_dir_for` for the default.
+        partition: The night the run is for (`YYYY-MM-DD`): replaces `{date}`
+            in `input.path` and `output.path`, and names the run.
     """
     path = Path(path)
-    data = apply_overrides(read_yaml(path, "job spec"), overrides, path)
+    if partition is not None:
+        import datetime as dt
+
+        try:
+            dt.date.fromisoformat(partition)
+        except ValueError:
+            raise ConfigError(f"--date {partition!r}: expected a date as YYYY-MM-DD") from None
+    data = apply_partition(apply_overrides(read_yaml(path, "job spec"), overrides, path), partition, path)
     spec = validate(JobSpec, data, path)
     conf = conf_dir_for(path, Path(conf_dir) if conf_dir else None)
     engine = load_engine(spec.engine, conf)
@@ -140,7 +166,8 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
             f"(engine profile {engine.name!r}); known: {', '.join(sorted(book.models))}"
         )
     return Job(spec=spec, engine=engine, price=price, spec_path=path, conf_dir=conf, hosted=dict(book.hosted),
-               accelerator_price=accelerator_price(engine, book, conf, required=spec.cost.mode == "accelerator_time"))
+               accelerator_price=accelerator_price(engine, book, conf, required=spec.cost.mode == "accelerator_time"),
+               partition=partition)
 
 
 def accelerator_price(engine: EngineProfile, book: PriceBook, conf: Path, *, required: bool) -> AcceleratorPrice | None:
@@ -168,6 +195,7 @@ def job_snapshot(job: Job) -> dict[str, Any]:
         "accelerator_price": job.accelerator_price.model_dump(mode="json") if job.accelerator_price else None,
         "spec_path": str(job.spec_path),
         "conf_dir": str(job.conf_dir),
+        "partition": job.partition,
     }
 
 
@@ -180,4 +208,5 @@ def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
                price=ModelPrice.model_validate(snapshot["price"]), spec_path=Path(snapshot["spec_path"]),
                conf_dir=Path(snapshot["conf_dir"]),
                hosted={k: HostedPrice.model_validate(v) for k, v in snapshot["hosted"].items()},
-               accelerator_price=AcceleratorPrice.model_validate(rate) if rate else None)
+               accelerator_price=AcceleratorPrice.model_validate(rate) if rate else None,
+               partition=snapshot.get("partition"))
