@@ -97,7 +97,7 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
     from ray.job_submission import JobSubmissionClient
 
     check_partition(partition)
-    client = JobSubmissionClient(address)
+    client = JobSubmissionClient(address, headers=auth_headers())
     base = submission_id(job, partition)
     attempts = sorted((a, j) for j in client.list_jobs() if j.submission_id
                       and (a := _attempt_of(j.submission_id, base)) is not None)
@@ -111,13 +111,26 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
         attempt = attempts[-1][0] + 1 if attempts else 1
         sid = submission_id(job, partition, attempt)
         env = check_runtime_env(dict(runtime_env or {}))
-        client.submit_job(entrypoint=entrypoint(job, partition, list(args or [])), submission_id=sid,
-                          runtime_env=env or None, metadata={"tokenmill_job": job, "partition": partition})
+        _submit_job(client, entrypoint=entrypoint(job, partition, list(args or [])), submission_id=sid,
+                    runtime_env=env or None, metadata={"tokenmill_job": job, "partition": partition})
         echo(f"tokenmill submit: submitted {sid}" + (f" (attempt {attempt})" if attempt > 1 else ""))
         submitted = True
     if not wait:
         return Submission(sid, _status(client.get_job_status(sid)), submitted)
     return Submission(sid, follow(client, sid, poll_s=poll_s, timeout_s=timeout_s, echo=echo), submitted)
+
+
+def _submit_job(client, *, patience_s: float = 120.0, **kwargs) -> None:
+    """`submit_job`, waiting out a head that is up but whose job agent is not yet (a cluster just started)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            client.submit_job(**kwargs)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(client, sid: str, *, poll_s: float, timeout_s: float | None, echo: Callable[[str], None]) -> str:
@@ -135,6 +148,21 @@ def follow(client, sid: str, *, poll_s: float, timeout_s: float | None, echo: Ca
         if deadline is not None and time.monotonic() > deadline:
             raise SubmitError(f"{sid} still {status} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def auth_headers() -> dict[str, str]:
+    """Ray's token for the Jobs API, where there is one: new Ray clusters require it (token authentication).
+
+    Read as Ray reads it: `$RAY_AUTH_TOKEN`, the file at `$RAY_AUTH_TOKEN_PATH`,
+    or `~/.ray/auth_token`; `RAY_AUTH_MODE=disabled` sends none.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def default_address() -> str:

@@ -49,31 +49,44 @@ def ray_head(s3_server, tmp_path_factory):
     ray = str(Path(sys.executable).parent / "ray")
     # --block keeps `ray start` in the foreground: its process group is the cluster, stopped by one signal
     # (`ray stop` would stop every Ray cluster on the machine, the test session's too).
+    # Every port its own: the test session's Ray cluster runs beside this one.
+    ports = [f"--{name}={_port()}" for name in (
+        "port", "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")]
     proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
         env=env, stdout=open(temp / "ray-start.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                jobs_api(address).list_jobs()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield {"address": address, "temp": temp}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Processes that left the group (the dashboard's) are found by the session folder they were given.
+        subprocess.run(["pkill", "-f", str(temp)], check=False)
+
+
+def jobs_api(address: str):
+    """The Jobs API client, with the cluster's token (Ray clusters require one by default)."""
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            JobSubmissionClient(address).list_jobs()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
-            time.sleep(1)
-    yield {"address": address, "temp": temp}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    # Daemons that left the group (the dashboard's agents) are found by the session folder they were given.
-    subprocess.run(["pkill", "-f", str(temp)], check=False)
+    from pipelines.submit import auth_headers
+
+    return JobSubmissionClient(address, headers=auth_headers())
 
 
 def _upload(client) -> int:
@@ -93,8 +106,6 @@ def _objects(client, prefix: str) -> dict[str, bytes]:
 
 @pytest.mark.engine
 def test_submit_runs_a_night_once_and_never_shows_credentials(ray_head, s3_env, model_path, capsys):
-    from ray.job_submission import JobSubmissionClient
-
     client = s3_env.client()
     rows = _upload(client)
     submit = ["submit", str(REPO / "conf/jobs/ticket_triage.yaml"), "--date", NIGHT, "--address", ray_head["address"],
@@ -121,12 +132,12 @@ def test_submit_runs_a_night_once_and_never_shows_credentials(ray_head, s3_env, 
     assert main(submit) == 0
     again = capsys.readouterr().out
     assert "already ran; nothing submitted" in again and "submitted tokenmill" not in again
-    jobs = JobSubmissionClient(ray_head["address"]).list_jobs()
+    jobs = jobs_api(ray_head["address"]).list_jobs()
     assert [j.submission_id for j in jobs if j.submission_id.startswith("tokenmill-")] == \
         [f"tokenmill-ticket_triage-{NIGHT}"]
 
     # The credentials are in no job log, driver or worker log, output file, summary or report.
-    logs = JobSubmissionClient(ray_head["address"]).get_job_logs(f"tokenmill-ticket_triage-{NIGHT}")
+    logs = jobs_api(ray_head["address"]).get_job_logs(f"tokenmill-ticket_triage-{NIGHT}")
     assert "ticket_triage" in logs
     places = {"job log": logs.encode(), **{f"s3://{BUCKET}/{k}": v for k, v in _objects(client, "").items()}}
     files = [p for p in Path(ray_head["temp"]).rglob("*") if p.is_file() and not p.is_symlink()]
