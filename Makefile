@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.tokenmill-installed-$(ENGINE)
 
-.PHONY: install model demo test bench clean browser
+.PHONY: install model demo test bench clean browser airflow
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,18 @@ browser:
 	      chromium fonts-dejavu-core >/dev/null; } || \
 	  echo "chromium not installed (needs root and apt-get): the report rendering test is skipped (and fails under CI=true)"
 
-test: model browser
+# Airflow in its own environment (its pins are not Ray's or vLLM's): the DAG test loads
+# infra/airflow/dags/ in it and runs its submit task.
+AIRFLOW_VENV := .venv-airflow
+$(AIRFLOW_VENV)/.installed: infra/airflow/requirements.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install -q -r infra/airflow/requirements.txt
+	touch $@
+
+airflow: $(AIRFLOW_VENV)/.installed
+
+test: model browser airflow
 	$(PY) -m pytest
 
 bench: model

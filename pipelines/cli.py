@@ -280,7 +280,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                       runtime_env=runtime_env, wait=not args.no_wait, timeout_s=args.timeout)
     except SubmitError as exc:
         raise ConfigError(str(exc)) from None
-    print(f"tokenmill submit: {done.submission_id}: {done.status}")
+    if args.no_wait:
+        print(f"tokenmill submit: {done.submission_id}: {done.status}")
     failed = done.status in ("FAILED", "STOPPED") or (not args.no_wait and done.status != "SUCCEEDED")
     return 1 if failed else 0
 

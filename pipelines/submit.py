@@ -107,6 +107,8 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
         echo(f"tokenmill submit: {latest.submission_id} is {status}: "
              + ("this night already ran; nothing submitted" if status == "SUCCEEDED" else "following it"))
         sid, submitted = latest.submission_id, False
+        if status == "SUCCEEDED":
+            return Submission(sid, status, submitted)
     else:
         attempt = attempts[-1][0] + 1 if attempts else 1
         sid = submission_id(job, partition, attempt)
@@ -117,7 +119,9 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
         submitted = True
     if not wait:
         return Submission(sid, _status(client.get_job_status(sid)), submitted)
-    return Submission(sid, follow(client, sid, poll_s=poll_s, timeout_s=timeout_s, echo=echo), submitted)
+    status = follow(client, sid, poll_s=poll_s, timeout_s=timeout_s, echo=echo)
+    echo(f"tokenmill submit: {sid} ended {status}")
+    return Submission(sid, status, submitted)
 
 
 def _submit_job(client, *, patience_s: float = 120.0, **kwargs) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -137,3 +138,60 @@ def model_path() -> Path:
     from pipelines.models.embedded import prepare
 
     return prepare()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server, tmp_path_factory):
+    """A Ray head of its own (GCS, raylet, dashboard with the Jobs API) on 127.0.0.1; stopped afterwards.
+
+    Its environment carries the object-store credentials, as a Kubernetes secret
+    or an instance role would on a real cluster.
+    """
+    temp = tmp_path_factory.mktemp("rayhead")
+    dashboard = _free_port()
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+           "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_REGION": "us-east-1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    # --block keeps `ray start` in the foreground: its process group is the cluster, stopped by one signal
+    # (`ray stop` would stop every Ray cluster on the machine, the test session's too).
+    # Every port its own: the test session's Ray cluster runs beside this one.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")]
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        env=env, stdout=open(temp / "ray-start.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                jobs_api(address).list_jobs()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield {"address": address, "temp": temp}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Processes that left the group (the dashboard's) are found by the session folder they were given.
+        subprocess.run(["pkill", "-f", str(temp)], check=False)
+
+
+def jobs_api(address: str):
+    """The Jobs API client, with the cluster's token (Ray clusters require one by default)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.submit import auth_headers
+
+    return JobSubmissionClient(address, headers=auth_headers())

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -19,74 +13,11 @@ import pytest
 
 from pipelines.cli import main
 
-from conftest import S3_KEY, S3_SECRET
+from conftest import S3_KEY, S3_SECRET, jobs_api
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "tokenmill-submit"
 NIGHT = "2026-11-27"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head(s3_server, tmp_path_factory):
-    """A Ray head of its own (GCS, raylet, dashboard with the Jobs API) on 127.0.0.1; stopped afterwards.
-
-    Its environment carries the object-store credentials, as a Kubernetes secret
-    or an instance role would on a real cluster.
-    """
-    temp = tmp_path_factory.mktemp("rayhead")
-    dashboard = _port()
-    env = {**os.environ,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-           "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_REGION": "us-east-1", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ray = str(Path(sys.executable).parent / "ray")
-    # --block keeps `ray start` in the foreground: its process group is the cluster, stopped by one signal
-    # (`ray stop` would stop every Ray cluster on the machine, the test session's too).
-    # Every port its own: the test session's Ray cluster runs beside this one.
-    ports = [f"--{name}={_port()}" for name in (
-        "port", "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")]
-    proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=open(temp / "ray-start.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                jobs_api(address).list_jobs()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield {"address": address, "temp": temp}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        # Processes that left the group (the dashboard's) are found by the session folder they were given.
-        subprocess.run(["pkill", "-f", str(temp)], check=False)
-
-
-def jobs_api(address: str):
-    """The Jobs API client, with the cluster's token (Ray clusters require one by default)."""
-    from ray.job_submission import JobSubmissionClient
-
-    from pipelines.submit import auth_headers
-
-    return JobSubmissionClient(address, headers=auth_headers())
 
 
 def _upload(client) -> int:
@@ -115,7 +46,7 @@ def test_submit_runs_a_night_once_and_never_shows_credentials(ray_head, s3_env, 
     assert main(submit) == 0, capsys.readouterr().out[-4000:]
     first = capsys.readouterr().out
     assert f"submitted tokenmill-ticket_triage-{NIGHT}" in first
-    assert f"tokenmill-ticket_triage-{NIGHT}: SUCCEEDED" in first
+    assert f"tokenmill-ticket_triage-{NIGHT} ended SUCCEEDED" in first
 
     # The results are in S3, every record once.
     outputs = _objects(client, "triage/")
@@ -133,7 +64,7 @@ def test_submit_runs_a_night_once_and_never_shows_credentials(ray_head, s3_env, 
     again = capsys.readouterr().out
     assert "already ran; nothing submitted" in again and "submitted tokenmill" not in again
     jobs = jobs_api(ray_head["address"]).list_jobs()
-    assert [j.submission_id for j in jobs if j.submission_id.startswith("tokenmill-")] == \
+    assert [j.submission_id for j in jobs if j.submission_id.startswith(f"tokenmill-ticket_triage-{NIGHT}")] == \
         [f"tokenmill-ticket_triage-{NIGHT}"]
 
     # The credentials are in no job log, driver or worker log, output file, summary or report.
