@@ -17,6 +17,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec field (repeatable), e.g. --set input.path=s3://bucket/tickets/")
     p.add_argument("--conf-dir", type=Path, help="folder holding engines/ and prices.yaml")
+    p.add_argument("--date", metavar="YYYY-MM-DD",
+                   help="the night (partition): replaces {date} in input.path and output.path, and names the run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", dest="resume", action="store_true", default=True,
                      help="go on with an existing run of this id: skip its committed shards, redo the rest (default)")
     run.add_argument("--no-resume", dest="resume", action="store_false", help="refuse a run id that already exists")
-    run.add_argument("--date", metavar="YYYY-MM-DD",
-                     help="the night this run is for: replaces {date} in input.path and output.path, and names the run")
     run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
@@ -172,7 +172,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from pipelines.config import load_job
     from pipelines.runner import preflight
 
-    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date)
     _, _, plan = preflight(job)
     found = (f"{len(plan)} OpenAI batch request file(s)" if isinstance(plan, list)
              else f"{plan.num_rows:,} records in {len(plan.shards)} shard(s)")
@@ -258,7 +258,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pipelines.config import load_job
     from pipelines.plan import format_plan, plan_job
 
-    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir)
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date)
     result = plan_job(job, sample=args.sample, deadline_s=parse_duration(args.deadline) if args.deadline else None)
     print(format_plan(result))
     if args.json:

@@ -225,3 +225,36 @@ def test_a_missing_truth_column_is_named_before_any_engine_starts(tmp_path):
     job = load_job(CONF / "jobs/review_sentiment.yaml", overrides=["classify.label_column=stars"])
     with pytest.raises(InputError, match=r"column 'stars' \(classify\.label_column\) is missing"):
         plan_input(job.spec, job.spec.storage.resolved())
+
+
+def test_date_fills_the_paths_and_names_the_run():
+    from pipelines.runner import default_run_id, spec_fingerprint
+
+    job = load_job(CONF / "jobs/ticket_triage.yaml", partition="2026-11-27",
+                   overrides=["input.path=s3://b/tickets/{date}/", "output.path=s3://b/out/{date}/"])
+    assert job.spec.input.path == "s3://b/tickets/2026-11-27/" and job.spec.output.path == "s3://b/out/2026-11-27/"
+    run_id = default_run_id(job, spec_fingerprint(job))
+    assert run_id.startswith("ticket_triage-2026-11-27-")
+    other = load_job(CONF / "jobs/ticket_triage.yaml", partition="2026-11-28",
+                     overrides=["input.path=s3://b/tickets/{date}/", "output.path=s3://b/out/{date}/"])
+    assert default_run_id(other, spec_fingerprint(other)) != run_id
+    with pytest.raises(ConfigError, match=r"input\.path: 's3://b/\{date\}/' has \{date\}; give the night with --date"):
+        load_job(CONF / "jobs/ticket_triage.yaml", overrides=["input.path=s3://b/{date}/"])
+    with pytest.raises(ConfigError, match=r"--date '27/11/2026': expected a date as YYYY-MM-DD"):
+        load_job(CONF / "jobs/ticket_triage.yaml", partition="27/11/2026")
+
+
+def test_accelerator_time_needs_a_rate_for_the_profile(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    job = load_job(conf / "jobs/ticket_triage.yaml", overrides=["cost.mode=accelerator_time"])
+    assert job.accelerator_price.usd_per_hour > 0 and job.engine.billed_units == 1
+    prices = (conf / "prices.yaml").read_text().replace("  cpu-2-vcpu:", "  cpu-other:")
+    (conf / "prices.yaml").write_text(prices)
+    with pytest.raises(ConfigError, match=r"accelerators: no hourly rate for 'cpu-2-vcpu' \(engine profile "
+                                          r"'cpu-smollm2', cost\.accelerator\); known: H100-SXM-80GB"):
+        load_job(conf / "jobs/ticket_triage.yaml", overrides=["cost.mode=accelerator_time"])
+    # Per-token costing does not need it.
+    assert load_job(conf / "jobs/ticket_triage.yaml").accelerator_price is None
