@@ -140,9 +140,10 @@ def model_path() -> Path:
     return prepare()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(s3_server, tmp_path_factory):
-    """A Ray head of its own (GCS, raylet, dashboard with the Jobs API) on 127.0.0.1; stopped afterwards.
+    """A Ray head of its own (GCS, raylet, dashboard with the Jobs API) on 127.0.0.1; stopped after the module
+    that asked for it, so that its processes do not share the machine with the other tests.
 
     Its environment carries the object-store credentials, as a Kubernetes secret
     or an instance role would on a real cluster.
