@@ -25,6 +25,7 @@ from pipelines.config.load import Job, load_engine, load_price_book
 from pipelines.models import resolve_engine_paths
 from pipelines.processor import prompt_kwargs
 from pipelines.prompt import load_tokenizer, render_batch
+from pipelines.report import SUMMARY_FILE
 from pipelines.read import find_duplicates, plan_input, read_shard_rows
 from pipelines.storage import filesystem_for, join
 
@@ -50,7 +51,7 @@ def previous_run(job: Job) -> dict | None:
         state = read_json(fs, join(folder, RUN_FILE)) if fs.isdir(folder) else None
         if not state or state.get("job") != job.spec.name:
             continue
-        summary = read_json(fs, join(folder, "summary.json"))
+        summary = read_json(fs, join(folder, SUMMARY_FILE))
         if summary and summary.get("engine") == job.engine.name and summary.get("records_out"):
             if best is None or summary["finished_at"] > best["finished_at"]:
                 best = summary

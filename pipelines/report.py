@@ -9,6 +9,7 @@ network needed to view it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import html
 import io
@@ -17,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.commit import RUN_FILE, SUCCESS, read_json, read_manifests, write_json_atomic
-from pipelines.config.load import Job, job_from_snapshot
+from pipelines.config.load import job_from_snapshot
 from pipelines.errors import ConfigError
 from pipelines.observe import EngineStats, read_ledger
 from pipelines.storage import StorageOptions, filesystem_for, join
@@ -45,7 +46,7 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> dict[str
     # The run may have been moved since: where it is now wins over where it was written.
     spec = job.spec.model_copy(update={"output": job.spec.output.model_copy(update={"path": parent or "."})})
     storage = storage or spec.storage
-    job = Job(**{**job.__dict__, "spec": spec})
+    job = dataclasses.replace(job, spec=spec)
     # Figures of the attempts themselves (times, resumes) are not in the results: kept from the summary, or
     # from `_SUCCESS` when the summary is gone.
     earlier = read_json(fs, join(root, SUMMARY_FILE)) or read_json(fs, join(root, SUCCESS)) or {}

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from pipelines.account import accelerator_bill, attribute_accelerator_cost, hosted_comparison
+from pipelines.account import accelerator_bill, attribute_accelerator_cost, hosted_comparison, tokens_cost
 from pipelines.adapters import Adapter, check_adapter
 from pipelines.config.load import Job, job_snapshot
 from pipelines.commit import (
@@ -282,11 +282,10 @@ def cost_lines(job: Job, totals: dict, engine: EngineStats) -> dict[str, Any]:
     lines: dict[str, Any] = {"mode": job.spec.cost.mode, "total_usd": total,
                              "per_1k_records_usd": 1000 * total / records if records else None}
     if job.spec.cost.mode == "per_token":
-        p = job.price
-        uncached = totals["prompt_tokens"] - totals["cached_prompt_tokens"]
-        lines.update(input_usd=uncached * p.input_per_1m / 1e6,
-                     cached_input_usd=totals["cached_prompt_tokens"] * p.cached_rate / 1e6,
-                     output_usd=totals["completion_tokens"] * p.output_per_1m / 1e6,
+        p, cached = job.price, totals["cached_prompt_tokens"]
+        lines.update(input_usd=tokens_cost(totals["prompt_tokens"] - cached, 0, 0, p),
+                     cached_input_usd=tokens_cost(cached, cached, 0, p),
+                     output_usd=tokens_cost(0, 0, totals["completion_tokens"], p),
                      rates={"model": job.engine.display_model, **p.model_dump(mode="json")})
         return lines
     rate, weights = job.accelerator_price, job.engine.cost
