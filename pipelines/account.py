@@ -62,12 +62,17 @@ def account_batch(batch: pa.Table, *, mode: str, price: dict, weights: dict | No
                   run_id: str) -> pa.Table:
     """Add `work_units`, the cost columns, `model` and `run_id`; one row out per row in.
 
-    A record the engine never processed (no completion count) costs nothing. In
-    `accelerator_time` mode the dollars stay null until the run's time is known.
+    A record the engine never processed (no completion count) or answered from
+    the response cache (`cached`) costs nothing. In `accelerator_time` mode the
+    dollars stay null until the run's time is known.
     """
     prompt, cached, completion = (batch.column(c) for c in ("prompt_tokens", "cached_prompt_tokens",
                                                            "completion_tokens"))
     unprocessed = pc.is_null(completion)
+    if "cached" in batch.column_names:
+        unprocessed = pc.or_(unprocessed, pc.fill_null(batch.column("cached"), False))
+    else:
+        batch = batch.append_column("cached", pa.array([False] * batch.num_rows, pa.bool_()))
     work = pc.if_else(unprocessed, 0.0, work_units(prompt, cached, completion,
                                                     CostProfile.model_validate(weights) if weights else NO_WEIGHTS))
     n = batch.num_rows
@@ -113,21 +118,29 @@ def attribute_accelerator_cost(fs, files: list[str], *, compute_usd: float, over
     """
     from pipelines.commit import replace_file
 
-    total_work = records = 0
+    total_work = records = all_records = 0
     for path in files:
-        t = pq.read_table(fs.open(path, "rb"), columns=["work_units"])
+        t = pq.read_table(fs.open(path, "rb"), columns=["work_units", "cached"])
         total_work += pc.sum(t.column("work_units")).as_py() or 0.0
-        records += t.num_rows
-    if not records:
+        records += t.num_rows - (pc.sum(pc.fill_null(t.column("cached"), False)).as_py() or 0)
+        all_records += t.num_rows
+    if not all_records:
         return {"records": 0, "work_units": 0.0, "unattributed_usd": compute_usd + overhead_usd}
+    # Answers from the response cache carry no share, unless the cache answered every record: then the
+    # replicas' (short, engine-less) time is theirs to carry, evenly.
+    everyone = records == 0
+    records = records or all_records
     per_record_overhead = overhead_usd / records
     for path in files:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         work = table.column("work_units")
+        # Answers from the response cache took no engine time: no share of it.
+        engine_rows = (pa.array([True] * table.num_rows) if everyone
+                       else pc.invert(pc.fill_null(table.column("cached"), False)))
         compute = (pc.multiply(work, compute_usd / total_work) if total_work
-                   else pa.array([compute_usd / records] * table.num_rows, pa.float64()))
-        overhead = pa.array([per_record_overhead] * table.num_rows, pa.float64())
+                   else pc.if_else(engine_rows, compute_usd / records, 0.0))
+        overhead = pc.if_else(engine_rows, per_record_overhead, 0.0)
         for name, values in (("compute_usd", compute), ("overhead_usd", overhead),
                              ("cost_usd", pc.add(compute, overhead))):
             i = table.schema.get_field_index(name)

@@ -63,3 +63,21 @@ def local_adapter(adapter: Adapter, storage: StorageOptions) -> Path:
         (tmp / ".tokenmill-complete").write_text(adapter.uri)
 
     return build_folder_once(tokenmill_home() / "lora" / key, fetch, marker=".tokenmill-complete")
+
+
+def adapter_identity(adapter: Adapter, storage: StorageOptions) -> dict:
+    """What names an adapter's weights for the response cache: where it is, its rank, and its weights file's
+    size and version (ETag or modification time), so an adapter replaced in place gets new keys."""
+    from pipelines.storage import filesystem_for
+
+    fs, root = filesystem_for(adapter.uri, storage)
+    stamp = {}
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        try:
+            info = fs.info(join(root, name))
+        except (OSError, FileNotFoundError):
+            continue
+        stamp = {"file": name, "size": info.get("size"),
+                 "version": str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified"))}
+        break
+    return {"uri": adapter.uri, "name": adapter.name, "rank": adapter.rank, **stamp}

@@ -29,8 +29,9 @@ from pipelines.prompt import render_batch
 from pipelines.read import plan_input
 
 
-def bench_input(job: Job, rows: int, out_dir: Path, shards: int = 4) -> pa.Table:
-    """The job's input rows repeated to `rows`, with fresh ids, written as `shards` Parquet files."""
+def bench_input(job: Job, rows: int, out_dir: Path | None, shards: int = 4) -> pa.Table:
+    """The job's input rows repeated to `rows`, with fresh ids, written as `shards` Parquet files (unless
+    `out_dir` is None)."""
     plan = plan_input(job.spec, job.spec.storage.resolved())
     import pyarrow.dataset as pads
 
@@ -41,10 +42,8 @@ def bench_input(job: Job, rows: int, out_dir: Path, shards: int = 4) -> pa.Table
     table = pa.concat_tables([source] * reps).slice(0, rows)
     id_col = job.spec.input.id_column
     table = table.set_column(table.schema.get_field_index(id_col), id_col, pa.array([f"b{i:07d}" for i in range(rows)]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per = -(-rows // shards)
-    for k in range(shards):
-        pq.write_table(table.slice(k * per, per), out_dir / f"part-{k:05d}.parquet")
+    if out_dir is not None:
+        _write_shards(table, out_dir, shards)
     return table
 
 
@@ -62,7 +61,9 @@ def prompt_ids(job: Job, table: pa.Table, tokenizer_path: str) -> list[list[int]
 def child_side(args_file: str) -> None:
     """The child process: `raw` (the pipeline bench's raw side) or `constrained` (the task bench)."""
     args = json.loads(Path(args_file).read_text())
-    {"constrained": constrained_side, "calibrate": calibrate_side}.get(args.get("mode"), raw_side)(args)
+    sides = {"constrained": constrained_side, "calibrate": calibrate_side, "pipeline": pipeline_side,
+             "ray_data_llm": ray_data_llm_side, "transformers": transformers_side}
+    sides.get(args.get("mode"), raw_side)(args)
 
 
 def raw_side(args: dict) -> None:
@@ -80,8 +81,12 @@ def raw_side(args: dict) -> None:
     outputs = generate_ids(llm, args["prompts"], params)
     steady_s = time.perf_counter() - t1
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    from pipelines.generate import peak_memory_mb
+
+    memory = peak_memory_mb()
     print("TOKENMILL_BENCH " + json.dumps(
-        {"engine_start_s": start_s, "steady_s": steady_s, "requests": len(outputs), "output_tokens": tokens}
+        {"engine_start_s": start_s, "steady_s": steady_s, "requests": len(outputs), "output_tokens": tokens,
+         "driver_peak_rss_mb": memory["actor_peak_rss_mb"], "engine_peak_rss_mb": memory["engine_peak_rss_mb"]}
     ), flush=True)
 
 
@@ -273,26 +278,23 @@ def run_child(job: Job, workdir: Path, payload: dict) -> dict:
     """Run a bench side in a child process with the engine actors' environment; its figures as a dict."""
     args_file = workdir / "child-args.json"
     args_file.write_text(json.dumps(payload))
-    env = {**os.environ, **actor_env(job.engine)}
+    env = dict(os.environ)
+    if payload.get("mode") not in ("pipeline", "ray_data_llm"):
+        # The engine runs in the child itself. A Ray driver must not have it: its cluster's processes would
+        # inherit it (preloaded OpenMP pinned the engine actor to one core); Ray's engine actors get it
+        # through their runtime_env.
+        env.update(actor_env(job.engine))
+    import ray
+
+    if ray.is_initialized() and payload.get("mode") == "pipeline":
+        # Join the caller's cluster (the tests share one) rather than start a second.
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     proc = subprocess.run([sys.executable, "-m", "pipelines.bench", str(args_file)], env=env,
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENMILL_BENCH ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"bench child process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1].removeprefix("TOKENMILL_BENCH "))
-
-
-def run_raw(job: Job, prompts: list[list[int]], model_path: str, tokenizer_path: str, workdir: Path) -> dict:
-    raw = run_child(job, workdir, {
-        "profile": job.engine.model_dump(mode="json"),
-        "sampling": job.spec.sampling.model_dump(mode="json"),
-        "model_path": model_path,
-        "tokenizer_path": tokenizer_path,
-        "prompts": prompts,
-    })
-    raw["output_tokens_per_s"] = raw["output_tokens"] / raw["steady_s"]
-    raw["requests_per_s"] = raw["requests"] / raw["steady_s"]
-    return raw
 
 
 def run_task_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None, rows: int = 256,
@@ -375,6 +377,100 @@ def run_resume_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir:
     }
 
 
+def distinct_input(job: Job, rows: int, out_dir: Path, *, tag: str, shards: int = 4) -> pa.Table:
+    """`rows` records with distinct prompts: the job's input repeated, each record's last prompt column marked
+    with its own reference, ids `<tag>0000000`..."""
+    import pyarrow.compute as pc
+
+    table = bench_input(job, rows, None)
+    column = job.spec.prompt_columns[-1]
+    refs = pa.array([f" (ref {tag}{i})" for i in range(rows)])
+    table = table.set_column(table.schema.get_field_index(column), column,
+                             pc.binary_join_element_wise(pc.cast(table.column(column), pa.string()), refs, ""))
+    id_col = job.spec.input.id_column
+    table = table.set_column(table.schema.get_field_index(id_col), id_col,
+                             pa.array([f"{tag}{i:07d}" for i in range(rows)]))
+    _write_shards(table, out_dir, shards)
+    return table
+
+
+def _write_shards(table: pa.Table, out_dir: Path, shards: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per = -(-table.num_rows // shards)
+    for k in range(shards):
+        pq.write_table(table.slice(k * per, per), out_dir / f"part-{k:05d}.parquet")
+
+
+# Result columns that differ between a generated answer and the same answer from the cache.
+CACHE_DIFFERS = {"cached", "cost_usd", "compute_usd", "overhead_usd", "work_units", "run_id"}
+
+
+def run_cache_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None,
+                    rows: int = 512, max_tokens: int = 32) -> dict[str, Any]:
+    """Two runs with a response cache: `rows` distinct prompts, then `rows` of which half repeat the first
+    run's. Compares their throughput and checks the repeated records' results are the first run's."""
+    import polars as pl
+
+    from pipelines.runner import run_job
+
+    fixed = [f"sampling.max_tokens={max_tokens}", "sampling.ignore_eos=true", "sampling.temperature=0"]
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
+        workdir = Path(tmp)
+        job = load_job(job_path, overrides=[*overrides, *fixed], conf_dir=conf_dir)
+        first_in = distinct_input(job, rows, workdir / "in1", tag="a")
+        second_in = pa.concat_tables([first_in.slice(0, rows // 2),
+                                      distinct_input(job, rows - rows // 2, workdir / "new", tag="b")])
+        _write_shards(second_in, workdir / "in2", 4)
+        runs = {}
+        for name, folder in (("first", "in1"), ("second", "in2")):
+            job = load_job(job_path, conf_dir=conf_dir, overrides=[
+                *overrides, *fixed, f"input.path={workdir / folder}", f"output.path={workdir / 'out'}",
+                f"cache.path={workdir / 'cache'}"])
+            summary = run_job(job, run_id=f"bench-cache-{name}", progress=False)
+            results = pl.concat([pl.read_parquet(f) for f in summary["output"]["results"]])
+            runs[name] = {"summary": summary, "results": results}
+    id_col = job.spec.input.id_column
+    first, second = runs["first"]["results"], runs["second"]["results"]
+    repeated = second.filter(pl.col(id_col).str.starts_with("a"))
+    same_cols = [c for c in first.columns if c not in CACHE_DIFFERS]
+    joined = repeated.select(same_cols).sort(id_col).equals(
+        first.filter(pl.col(id_col).is_in(repeated[id_col].implode())).select(same_cols).sort(id_col))
+    out: dict[str, Any] = {"job": job.spec.name, "engine": job.engine.name, "rows": rows, "max_tokens": max_tokens}
+    for name, run in runs.items():
+        s = run["summary"]
+        busy = s["wall_s"] - (s["engine_start_s"] or 0)
+        out[name] = {"wall_s": s["wall_s"], "engine_start_s": s["engine_start_s"], "records": s["records_out"],
+                     "records_cached": (s["cache"] or {}).get("records", 0),
+                     "saved_usd": (s["cache"] or {}).get("saved_usd"), "cost_usd": s["cost"]["total_usd"],
+                     "records_per_s": s["records_out"] / busy, "records_per_s_with_startup": s["records_out"] / s["wall_s"]}
+    out["repeated_records"] = repeated.height
+    out["repeated_cached"] = int(repeated["cached"].sum())
+    out["repeated_identical_except_cached"] = bool(joined)
+    out["ratio_records_per_s"] = out["second"]["records_per_s"] / out["first"]["records_per_s"]
+    out["ratio_with_startup"] = out["second"]["records_per_s_with_startup"] / out["first"]["records_per_s_with_startup"]
+    return out
+
+
+def format_cache_bench(r: dict[str, Any]) -> str:
+    lines = [f"tokenmill bench --cache: {r['job']} on {r['engine']}, {r['rows']} records per run, "
+             f"{r['max_tokens']} output tokens each (ignore_eos); the second run repeats half of the first's",
+             f"  {'run':<8}{'records':>9}{'cached':>8}{'wall s':>8}{'start s':>9}{'records/s':>11}"
+             f"{'with start':>12}{'cost $':>11}{'saved $':>11}"]
+    for name in ("first", "second"):
+        f = r[name]
+        lines.append(f"  {name:<8}{f['records']:>9}{f['records_cached']:>8}{f['wall_s']:>8.1f}"
+                     f"{(f['engine_start_s'] or 0):>9.1f}{f['records_per_s']:>11.2f}"
+                     f"{f['records_per_s_with_startup']:>12.2f}{f['cost_usd']:>11.6f}"
+                     f"{(f['saved_usd'] or 0):>11.6f}")
+    lines += [
+        f"  repeated records: {r['repeated_records']}, answered from the cache: {r['repeated_cached']}, "
+        f"results identical to the first run's except `cached` and cost: {r['repeated_identical_except_cached']}",
+        f"  ratio second/first run, records/s after engine start: {r['ratio_records_per_s']:.3f}",
+        f"  ratio second/first run, records/s with start-up: {r['ratio_with_startup']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
 def format_resume_bench(r: dict[str, Any]) -> str:
     return "\n".join([
         f"tokenmill bench --resume: {r['job']} on {r['engine']}, {r['rows']} records",
@@ -405,59 +501,280 @@ def format_task_bench(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None, rows: int = 512,
-              max_tokens: int = 32) -> dict[str, Any]:
-    """Run both sides on the same `rows` prompts; return the figures and their ratios."""
-    from pipelines.runner import run_job
+SIDES = ("raw", "pipeline", "ray_data_llm", "transformers")
+SIDE_NAMES = {"raw": "raw vllm.generate", "pipeline": "tokenmill pipeline", "ray_data_llm": "ray.data.llm",
+              "transformers": "transformers generate"}
 
+
+def pipeline_side(args: dict) -> None:
+    """The tokenmill pipeline, Parquet to Parquet, in a process of its own so its peak memory is its own."""
+    from pipelines.observe import read_ledger
+    from pipelines.runner import run_job
+    from pipelines.storage import filesystem_for, join
+
+    job = load_job(Path(args["job"]), overrides=args["overrides"], conf_dir=args.get("conf_dir") and Path(args["conf_dir"]))
+    cpu0 = _cpu_s("self")
+    summary = run_job(job, run_id=args["run_id"], progress=False)
+    daemons = _ray_daemons_cpu_s()
+    fs, root = filesystem_for(job.spec.output.path, job.spec.storage.resolved())
+    ledger = read_ledger(fs, join(root, args["run_id"]))
+    print("TOKENMILL_BENCH " + json.dumps({
+        "engine_start_s": summary["engine_start_s"], "wall_s": summary["wall_s"],
+        "requests": summary["records_out"], "output_tokens": summary["completion_tokens"],
+        "steady_output_tokens_per_s": summary["steady_output_tokens_per_s"],
+        "steady_s": summary["completion_tokens"] / summary["steady_output_tokens_per_s"],
+        "driver_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+        "driver_cpu_s": round(_cpu_s("self") - cpu0, 2),
+        "ray_daemons_cpu_s": daemons,
+        "actor_peak_rss_mb": max((e.get("actor_peak_rss_mb") or 0) for e in ledger),
+        "engine_peak_rss_mb": max((e.get("engine_peak_rss_mb") or 0) for e in ledger),
+        "engine_idle_s": sum(e.get("engine_idle_s") or 0 for e in ledger),
+        "actor_cpu_s": sum(e.get("actor_cpu_s") or 0 for e in ledger),
+        "batches": sum(e["batches"] for e in ledger),
+    }), flush=True)
+
+
+def ray_data_llm_side(args: dict) -> None:
+    """Ray's own batch processor (`ray.data.llm`) with the same engine settings, on the same token ids.
+
+    On CPU it needs a placement group of one CPU bundle (else it waits for a
+    GPU), more CPUs declared than a 2-core machine has (its stages ask for
+    more), and no engine metrics (they need `ray[serve]`).
+    """
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from pipelines.config.engine import EngineProfile
+
+    profile = EngineProfile.model_validate(args["profile"])
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    config = vLLMEngineProcessorConfig(
+        model_source=args["model_path"],
+        engine_kwargs={"tokenizer": args["tokenizer_path"], **profile.engine_args.to_vllm_kwargs()},
+        runtime_env={"env_vars": args["env"]},
+        batch_size=args["batch_size"],
+        concurrency=1,
+        placement_group_config={"bundles": [{"CPU": 1}]} if profile.device == "cpu" else None,
+        log_engine_metrics=False,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=True,
+    )
+    sampling = {"max_tokens": args["max_tokens"], "ignore_eos": True, "temperature": 0.0}
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"tokenized_prompt": row["prompt_token_ids"], "sampling_params": sampling},
+        postprocess=lambda row: {"n": row["num_generated_tokens"], "t": row["time_taken_llm"], "at": time.time()},
+    )
+    ds = ray.data.read_parquet(args["input"], columns=["prompt_token_ids"])
+    rows = processor(ds).take_all()
+    wall = time.perf_counter() - t0
+    # Steady state: from the first request's submission to the last row out of the processor.
+    first = min(r["at"] - r["t"] for r in rows)
+    steady_s = max(r["at"] for r in rows) - first
+    print("TOKENMILL_BENCH " + json.dumps({
+        "wall_s": wall, "steady_s": steady_s, "engine_start_s": None, "requests": len(rows),
+        "output_tokens": sum(r["n"] for r in rows), "driver_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+    }), flush=True)
+
+
+def transformers_side(args: dict) -> None:
+    """Plain transformers `generate`, batched with left padding, greedy, exactly `max_tokens` tokens each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.config.engine import EngineProfile
+
+    profile = EngineProfile.model_validate(args["profile"])
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    t0 = time.perf_counter()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(profile.engine_args.dtype), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args["model_path"], torch_dtype=dtype).eval()
+    start_s = time.perf_counter() - t0
+    prompts, batch_size, n = args["prompts"], args["batch_size"], args["max_tokens"]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    tokens = 0
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(0, len(prompts), batch_size):
+            chunk = prompts[k:k + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=pad)
+            tokens += (out.shape[1] - width) * len(chunk)
+    steady_s = time.perf_counter() - t1
+    print("TOKENMILL_BENCH " + json.dumps({
+        "engine_start_s": start_s, "steady_s": steady_s, "requests": len(prompts), "output_tokens": tokens,
+        "driver_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+    }), flush=True)
+
+
+def _vm_hwm_mb(pid: int | str) -> float:
+    from pipelines.generate import _vm_hwm_mb as hwm
+
+    return hwm(pid)
+
+
+def _cpu_s(pid: int | str) -> float:
+    import psutil
+
+    t = (psutil.Process() if pid == "self" else psutil.Process(int(pid))).cpu_times()
+    return t.user + t.system
+
+
+def _ray_daemons_cpu_s() -> dict[str, float]:
+    """CPU seconds of the local Ray cluster's own processes still alive at the end: its daemons, and its
+    workers by title (Ray Data's helper actors; the engine actor is gone by then)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            argv = proc.cmdline()
+            program = " ".join(argv[:3])
+            name = next((d for d in ("gcs_server", "raylet", "dashboard/agent.py", "runtime_env/agent",
+                                     "log_monitor", "monitor.py") if d in program), None)
+            if name is None and argv and argv[0].startswith("ray::"):
+                name = argv[0].split("(")[0]  # a worker by its title: Ray Data's helper actors, idle workers
+            if name:
+                t = proc.cpu_times()
+                out[name.split("/")[0]] = round(out.get(name.split("/")[0], 0.0) + t.user + t.system, 2)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _rates(f: dict) -> dict:
+    """Tokens/s and requests/s at steady state, and with start-up counted where the side has one."""
+    f["output_tokens_per_s"] = f["output_tokens"] / f["steady_s"]
+    f["requests_per_s"] = f["requests"] / f["steady_s"]
+    total = f.get("wall_s") or ((f.get("engine_start_s") or 0) + f["steady_s"])
+    f["with_startup_s"] = total
+    f["with_startup_output_tokens_per_s"] = f["output_tokens"] / total
+    return f
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path | None = None, rows: int = 512,
+              max_tokens: int = 32, runs: int = 1, sides: Sequence[str] = SIDES,
+              transformers_rows: int = 256) -> dict[str, Any]:
+    """Every side on the same `rows` prompts, `runs` times, the sides in turn within each run; each side in a
+    process of its own. Returns per-run figures, their ratios and the ratios' medians."""
+    unknown = set(sides) - set(SIDES)
+    if unknown or not sides:
+        raise ValueError(f"--sides: choose from {', '.join(SIDES)}")
     fixed = [f"sampling.max_tokens={max_tokens}", "sampling.ignore_eos=true", "sampling.temperature=0"]
+    runs_out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
         workdir = Path(tmp)
         job = load_job(job_path, overrides=[*overrides, *fixed], conf_dir=conf_dir)
         table = bench_input(job, rows, workdir / "input")
-        job = load_job(job_path, conf_dir=conf_dir, overrides=[
-            *overrides, *fixed, f"input.path={workdir / 'input'}", f"output.path={workdir / 'output'}"])
+        pipe_overrides = [*overrides, *fixed, f"input.path={workdir / 'input'}", f"output.path={workdir / 'output'}"]
+        job = load_job(job_path, conf_dir=conf_dir, overrides=pipe_overrides)
         model_path, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
         prompts = prompt_ids(job, table, tokenizer_path)
-
-        raw = run_raw(job, prompts, model_path, tokenizer_path, workdir)
-        summary = run_job(job, run_id="bench", progress=False)
-
-    pipe_tokens = summary["completion_tokens"]
-    pipeline = {
-        "engine_start_s": summary["engine_start_s"],
-        "wall_s": summary["wall_s"],
-        "requests": summary["records_out"],
-        "output_tokens": pipe_tokens,
-        "output_tokens_per_s": summary["steady_output_tokens_per_s"],
-        "requests_per_s": summary["records_out"] * summary["steady_output_tokens_per_s"] / pipe_tokens,
-        "end_to_end_output_tokens_per_s": pipe_tokens / (summary["wall_s"] - summary["engine_start_s"]),
-    }
+        # ray.data.llm reads the same token ids from Parquet.
+        pq.write_table(pa.table({"prompt_token_ids": pa.array(prompts, pa.list_(pa.int32()))}),
+                       workdir / "prompts.parquet")
+        del table
+        common = {"profile": job.engine.model_dump(mode="json"), "model_path": model_path,
+                  "tokenizer_path": tokenizer_path, "max_tokens": max_tokens}
+        batch_size = job.spec.batch_size or job.engine.engine_args.max_num_seqs
+        for r in range(runs):
+            figures: dict[str, dict] = {}
+            for side in [s for s in SIDES if s in sides]:
+                if side == "raw":
+                    payload = {**common, "sampling": job.spec.sampling.model_dump(mode="json"), "prompts": prompts}
+                elif side == "pipeline":
+                    payload = {"mode": "pipeline", "job": str(job_path), "overrides": pipe_overrides,
+                               "conf_dir": str(conf_dir) if conf_dir else None, "run_id": f"bench-{r}"}
+                elif side == "ray_data_llm":
+                    payload = {**common, "mode": "ray_data_llm", "input": str(workdir / "prompts.parquet"),
+                               "batch_size": batch_size, "env": actor_env(job.engine)}
+                else:
+                    payload = {**common, "mode": "transformers", "prompts": prompts[:transformers_rows],
+                               "batch_size": 64}
+                figures[side] = _rates(run_child(job, workdir, payload))
+            runs_out.append({"sides": figures, **_ratios(figures)})
+    ratio_keys = [k for k in runs_out[0] if k.startswith("ratio_")]
     return {
         "job": job.spec.name,
         "engine": job.engine.name,
         "rows": rows,
         "max_tokens": max_tokens,
-        "raw_vllm": raw,
-        "pipeline": pipeline,
-        "ratio_pipeline_to_raw": pipeline["output_tokens_per_s"] / raw["output_tokens_per_s"],
-        "ratio_end_to_end_to_raw": pipeline["end_to_end_output_tokens_per_s"] / raw["output_tokens_per_s"],
+        "runs": runs_out,
+        "transformers_rows": min(rows, transformers_rows) if "transformers" in sides else None,
+        "median": {k: _median([run[k] for run in runs_out]) for k in ratio_keys},
+        "median_output_tokens_per_s": {
+            side: _median([run["sides"][side]["output_tokens_per_s"] for run in runs_out]) for side in runs_out[0]["sides"]},
+        # The last run's figures at the top level, as before.
+        **({"raw_vllm": runs_out[-1]["sides"]["raw"]} if "raw" in sides else {}),
+        **({"pipeline": runs_out[-1]["sides"]["pipeline"]} if "pipeline" in sides else {}),
+        **{k: runs_out[-1][k] for k in ratio_keys},
     }
 
 
+def _ratios(f: dict[str, dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "raw" not in f:
+        return out
+    raw = f["raw"]
+    if "pipeline" in f:
+        out["ratio_pipeline_to_raw"] = f["pipeline"]["output_tokens_per_s"] / raw["output_tokens_per_s"]
+        out["ratio_with_startup_pipeline_to_raw"] = (f["pipeline"]["with_startup_output_tokens_per_s"]
+                                                     / raw["with_startup_output_tokens_per_s"])
+        if "ray_data_llm" in f:
+            out["ratio_pipeline_to_ray_data_llm"] = (f["pipeline"]["output_tokens_per_s"]
+                                                     / f["ray_data_llm"]["output_tokens_per_s"])
+            out["ratio_with_startup_pipeline_to_ray_data_llm"] = (
+                f["pipeline"]["with_startup_output_tokens_per_s"]
+                / f["ray_data_llm"]["with_startup_output_tokens_per_s"])
+    if "ray_data_llm" in f:
+        out["ratio_ray_data_llm_to_raw"] = f["ray_data_llm"]["output_tokens_per_s"] / raw["output_tokens_per_s"]
+    if "transformers" in f:
+        out["ratio_transformers_to_raw"] = f["transformers"]["output_tokens_per_s"] / raw["output_tokens_per_s"]
+    return out
+
+
+def _mb(value) -> str:
+    return f"{value:,.0f}" if value else "-"
+
+
 def format_bench(r: dict[str, Any]) -> str:
-    raw, pipe = r["raw_vllm"], r["pipeline"]
-    lines = [
-        f"tokenmill bench: {r['job']} on {r['engine']}, {r['rows']} prompts x {r['max_tokens']} output tokens",
-        f"  {'side':<22}{'engine start s':>16}{'output tok/s':>14}{'requests/s':>12}",
-        f"  {'raw vllm.generate':<22}{raw['engine_start_s']:>16.1f}{raw['output_tokens_per_s']:>14.1f}"
-        f"{raw['requests_per_s']:>12.2f}",
-        f"  {'pipeline (steady)':<22}{pipe['engine_start_s']:>16.1f}{pipe['output_tokens_per_s']:>14.1f}"
-        f"{pipe['requests_per_s']:>12.2f}",
-        f"  {'pipeline (end to end)':<22}{'':>16}{pipe['end_to_end_output_tokens_per_s']:>14.1f}",
-        f"  ratio pipeline/raw at steady state: {r['ratio_pipeline_to_raw']:.3f}",
-        f"  ratio pipeline/raw end to end (start-up excluded): {r['ratio_end_to_end_to_raw']:.3f}",
-    ]
+    lines = [f"tokenmill bench: {r['job']} on {r['engine']}, {r['rows']} prompts x {r['max_tokens']} output tokens "
+             f"(ignore_eos), {len(r['runs'])} run(s), the sides in turn within each run"]
+    for k, run in enumerate(r["runs"], 1):
+        lines.append(f"run {k}:")
+        lines.append(f"  {'side':<24}{'start s':>8}{'steady s':>9}{'tok/s':>8}{'req/s':>7}{'with start tok/s':>17}"
+                     f"{'driver MB':>10}{'actor MB':>9}{'engine MB':>10}")
+        for side, f in run["sides"].items():
+            start = f.get("engine_start_s")
+            lines.append(
+                f"  {SIDE_NAMES[side]:<24}{(f'{start:.1f}' if start else '-'):>8}{f['steady_s']:>9.1f}"
+                f"{f['output_tokens_per_s']:>8.1f}{f['requests_per_s']:>7.2f}"
+                f"{f['with_startup_output_tokens_per_s']:>17.1f}{_mb(f.get('driver_peak_rss_mb')):>10}"
+                f"{_mb(f.get('actor_peak_rss_mb')):>9}{_mb(f.get('engine_peak_rss_mb')):>10}")
+        if "pipeline" in run["sides"]:
+            p = run["sides"]["pipeline"]
+            daemons = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["ray_daemons_cpu_s"].items()))
+            lines.append(f"  pipeline profile: {p['batches']} batches, engine idle between batches "
+                         f"{p['engine_idle_s']:.1f} s; CPU s over {p['wall_s']:.0f} s: driver {p['driver_cpu_s']:.1f}, "
+                         f"engine actor (not the engine) {p['actor_cpu_s']:.1f}; "
+                         f"Ray's own processes: {daemons or '-'}")
+    if r.get("transformers_rows"):
+        lines.append(f"  (transformers runs the first {r['transformers_rows']} prompts: its rate, not its total)")
+    lines.append(f"median of {len(r['runs'])} run(s):")
+    for k, v in r["median"].items():
+        lines.append(f"  {k.removeprefix('ratio_').replace('_to_', '/').replace('_', ' ')}: {v:.3f}")
     return "\n".join(lines)
 
 

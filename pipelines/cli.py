@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "with --task, 128 (classify) or 64 (extract); with --resume, 128")
     bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
     bench.add_argument("--json", type=Path, help="also write the figures to this file")
+    bench.add_argument("--runs", type=int, default=1, help="repeat every side this many times, in turn; "
+                                                          "the ratios' medians are reported")
+    bench.add_argument("--sides", default=",".join(("raw", "pipeline", "ray_data_llm", "transformers")),
+                       help="comma-separated, from raw, pipeline, ray_data_llm, transformers (raw always)")
+    bench.add_argument("--transformers-rows", type=int, default=256,
+                       help="prompts for the transformers side (slow on CPU; its rate is what is compared)")
+    bench.add_argument("--cache", action="store_true",
+                       help="two runs with a response cache, the second repeating half of the first's prompts")
     bench.add_argument("--calibrate", action="store_true",
                        help="measure the engine profile's start-up, work rate and decode/cached weights (the "
                             "figures for its `cost:` section)")
@@ -215,6 +223,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = run_calibration(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
                                  conf_dir=args.conf_dir, rows=args.rows or 256)
         print(format_calibration(result))
+    elif args.cache:
+        from pipelines.bench import format_cache_bench, run_cache_bench
+
+        result = run_cache_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                                 conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens)
+        print(format_cache_bench(result))
     elif args.resume:
         result = run_resume_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
                                   conf_dir=args.conf_dir, rows=args.rows or 128)
@@ -229,7 +243,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(format_task_bench(result))
     else:
         result = run_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
-                           conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens)
+                           conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens,
+                           runs=args.runs, sides=[s.strip() for s in args.sides.split(",") if s.strip()],
+                           transformers_rows=args.transformers_rows)
         print(format_bench(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

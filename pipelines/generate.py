@@ -5,19 +5,23 @@ This is the only module that imports vLLM.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.adapters import Adapter, local_adapter
+from pipelines.cache import ResponseCache, request_key
 from pipelines.config.engine import EngineProfile
 from pipelines.config.job import SamplingSpec
 from pipelines.errors import ConfigError
@@ -155,20 +159,159 @@ def generate_ids(llm, prompt_token_ids: list[list[int]], params, *, images: list
     return outputs
 
 
+def _vm_hwm_mb(pid: int | str) -> float:
+    """A process's peak resident memory (Linux `VmHWM`), MiB; 0 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (the engine actor) and of its children (vLLM's engine core and
+    workers), and the actor's CPU seconds, for the ledger: the bench checks that neither memory grows with
+    the number of rows, and profiles where the time goes."""
+    import psutil
+
+    me = psutil.Process()
+    cpu = me.cpu_times()
+    return {"actor_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+            "engine_peak_rss_mb": round(sum(_vm_hwm_mb(c.pid) for c in me.children(recursive=True)), 1),
+            # The actor's own CPU (batches in and out, the engine loop, detokenizing), not the engine's.
+            "actor_cpu_s": round(cpu.user + cpu.system, 2)}
+
+
+class EngineLoop:
+    """Keeps one engine busy across batches: requests of the next batch join while the last ones finish.
+
+    `LLM.generate` adds a batch, then steps the engine until the batch is done, so
+    the engine runs ever fewer sequences at the end of each batch and nothing
+    between batches (about 7% of throughput on CPU with batches of 256). Here a
+    thread owns the engine: it adds each submitted batch as soon as it arrives
+    (`LLM.enqueue`) and steps while any request is unfinished. Callers wait on
+    a future with their batch's outputs in order. The actor runs two calls at
+    once (`max_concurrent_calls_per_actor=2`), so one batch waits while another
+    runs. `lock` is held for every touch of the engine, so the generator's
+    fallback path (splitting a failed batch, restarting a dead engine) can take
+    the engine over.
+    """
+
+    def __init__(self, owner: "VLLMGenerator") -> None:
+        self.owner = owner  # the engine is `owner.llm`: a restart replaces it
+        self.lock = threading.Lock()
+        self.inbox: queue.Queue = queue.Queue()
+        # Seconds the engine waited for work after its first batch: the gaps between batches.
+        self.idle_s = 0.0
+        self._jobs: dict[str, tuple[Future, list, int, str]] = {}
+        self._waiting: dict[int, int] = {}
+        self._thread: threading.Thread | None = None
+
+    def submit(self, prompts: list, params: list, lora_request=None) -> Future:
+        future: Future = Future()
+        self.inbox.put((prompts, params, lora_request, future))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="tokenmill-engine-loop", daemon=True)
+            self._thread.start()
+        return future
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Hand every batch under way back to its caller (call with `lock` held): the engine failed or was
+        replaced, so their requests will not finish."""
+        try:
+            self.owner.llm.llm_engine.abort_request([job[3] for job in self._jobs.values()], internal=True)
+        except Exception:  # noqa: BLE001 - a dead or replaced engine aborts nothing
+            pass
+        for future in {id(job[0]): job[0] for job in self._jobs.values()}.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._jobs.clear()
+        self._waiting.clear()
+
+    def _run(self) -> None:
+        # _jobs: request id -> (its batch's future, its outputs, index, internal id); _waiting: id(future) ->
+        # its requests unfinished.
+        while True:
+            with self.lock:
+                busy = bool(self._jobs) and self.owner.llm.llm_engine.has_unfinished_requests()
+                if self._jobs and not busy:
+                    # Never wait for answers the engine no longer owes: hand the batches back instead.
+                    self.fail_all(RuntimeError(f"the engine dropped {len(self._jobs)} requests"))
+            items = []
+            if not busy:
+                idle_from = time.perf_counter()
+                items.append(self.inbox.get())
+                self.idle_s += time.perf_counter() - idle_from
+            while True:
+                try:
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            with self.lock:
+                llm = self.owner.llm
+                for prompts, params, lora_request, future in items:
+                    try:
+                        ids = llm.enqueue(prompts, params, lora_request=lora_request, use_tqdm=False)
+                    except Exception as exc:  # noqa: BLE001 - a refused batch goes back to its caller
+                        future.set_exception(exc)
+                        continue
+                    if not ids:
+                        future.set_result([])
+                        continue
+                    outputs: list = [None] * len(ids)
+                    for k, rid in enumerate(ids):
+                        # `enqueue` answers vLLM's internal ids (`<id>-<8 random chars>`); outputs carry `<id>`.
+                        self._jobs[rid.rsplit("-", 1)[0]] = (future, outputs, k, rid)
+                    self._waiting[id(future)] = len(ids)
+                if not self._jobs:
+                    continue
+                try:
+                    finished = [o for o in llm.llm_engine.step() if o.finished]
+                except Exception as exc:  # noqa: BLE001 - the callers isolate the request at fault
+                    self.fail_all(exc)
+                    continue
+                for out in finished:
+                    if out.request_id not in self._jobs:
+                        continue  # aborted
+                    future, outputs, k, _ = self._jobs.pop(out.request_id)
+                    outputs[k] = out
+                    self._waiting[id(future)] -= 1
+                    if self._waiting[id(future)] == 0:
+                        del self._waiting[id(future)]
+                        future.set_result(outputs)
+
+
 class VLLMGenerator:
     """A Ray Data callable class: one engine replica.
 
     Rows that already carry an `error` are not sent to the engine. Adds
     `output_text`, `finish_reason`, `completion_tokens`, `cached_prompt_tokens`,
-    `output_token_ids` and, with `logprobs`, `output_logprob` (the sum of the
-    sampled tokens' logprobs); one row out per row in. A `request_params`
-    column (JSON, per row) overrides the sampling for its row.
+    `output_token_ids`, `generated_at`, `cached`, `cache_key` and, with
+    `logprobs`, `output_logprob` (the sum of the sampled tokens' logprobs); one
+    row out per row in. A `request_params` column (JSON, per row) overrides the
+    sampling for its row.
+
+    With a response cache, a request answered before (in an earlier run, or
+    earlier in this one) is not generated again: its answer is copied and
+    `cached` is true. Identical requests within a run are generated once. The
+    write stage stores new answers (`pipelines.cache.store_batch`).
     """
 
     def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], ledger: dict[str, Any] | None = None,
                  adapter: Adapter | None = None, storage: StorageOptions | None = None,
-                 structured: dict[str, Any] | None = None, logprobs: bool = False):
+                 structured: dict[str, Any] | None = None, logprobs: bool = False,
+                 cache: dict[str, Any] | None = None):
         self.profile = EngineProfile.model_validate(profile)
+        # The response cache (`pipelines.cache`): its folder, and the digest of what decides an answer.
+        self.cache = ResponseCache(cache["fs"], cache["root"]) if cache else None
+        self.identity = cache["identity"] if cache else None
+        self.cache_read = bool(cache and cache.get("read", True))
+        self._cache_lock = threading.Lock()
+        self._memo: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._inflight: dict[str, Future] = {}
         # Before anything slow: the replica is billed from its creation.
         self.ledger = ReplicaLedger(profile=self.profile.name, **ledger) if ledger else None
         model_path, tokenizer_path = resolve_engine_paths(self.profile.model, self.profile.tokenizer)
@@ -181,15 +324,29 @@ class VLLMGenerator:
             self.lora_request = LoRARequest(adapter.name, 1, str(local))
             extra = adapter.engine_kwargs()
         self._engine_args = (self.profile, model_path, tokenizer_path, extra)
-        started = time.perf_counter()
-        self.llm = make_llm(*self._engine_args[:3], **extra)
-        self.engine_start_s = time.perf_counter() - started
+        self.llm = None
+        self._engine_lock = threading.Lock()
         self.sampling = SamplingSpec.model_validate(sampling)
         self.params = sampling_params(self.sampling, structured=structured, logprobs=logprobs)
         self.logprobs = logprobs
-        if self.ledger is not None:
-            self.ledger.ready(self.engine_start_s)
-        log.info("engine %s ready in %.1f s", self.profile.name, self.engine_start_s)
+        self.loop = EngineLoop(self)
+        if self.cache is None:
+            self._start_engine()
+        # With a cache the engine starts with the first request the cache cannot answer: a run the cache
+        # answers whole never loads the model.
+
+    def _start_engine(self) -> bool:
+        """Start the engine unless it runs; whether this call started it."""
+        with self._engine_lock:
+            if self.llm is not None:
+                return False
+            started = time.perf_counter()
+            self.llm = make_llm(*self._engine_args[:3], **self._engine_args[3])
+            self.engine_start_s = time.perf_counter() - started
+            if self.ledger is not None:
+                self.ledger.ready(self.engine_start_s)
+            log.info("engine %s ready in %.1f s", self.profile.name, self.engine_start_s)
+            return True
 
     def __del__(self) -> None:
         # Ray Data drops the UDF when the pool shuts down gracefully; stopping the
@@ -204,6 +361,8 @@ class VLLMGenerator:
         if budget[0] <= 0:
             raise RuntimeError("the engine died too often on one batch; giving up on this replica")
         budget[0] -= 1
+        if getattr(self, "loop", None) is not None:
+            self.loop.fail_all(RuntimeError("engine replaced after a failure"))
         self.__del__()
         log.warning("engine %s died; starting a new one", self.profile.name)
         self.llm = make_llm(*self._engine_args[:3], **self._engine_args[3])
@@ -237,61 +396,193 @@ class VLLMGenerator:
             more_done, more_failed = self._generate(idx[half:], prompts, params, images, budget)
             return {**done, **more_done}, {**failed, **more_failed}
 
+    def _generate_batch(self, prompts: list, params: list, images: list | None,
+                        budget: list[int]) -> tuple[dict[int, Any], dict[int, str]]:
+        """The batch through the engine loop; if any request fails, the whole batch again on the careful path
+        (`_generate`), with the engine to itself."""
+        idx = list(range(len(prompts)))
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            engine_prompts = [tokens_prompt(p, images[i] if images else None) for i, p in enumerate(prompts)]
+            engine = self.llm
+            try:
+                return dict(enumerate(loop.submit(engine_prompts, params, self.lora_request).result())), {}
+            except Exception as exc:  # noqa: BLE001 - isolated below
+                failure = exc
+                log.info("a batch failed in the engine loop (%s: %s); isolating its requests",
+                         type(exc).__name__, exc)
+            with loop.lock:
+                # Restart a dead engine unless another batch's caller already has.
+                if type(failure).__name__ == "EngineDeadError" and self.llm is engine:
+                    self._restart_engine(budget)
+                return self._generate(idx, prompts, params, images, budget)
+        return self._generate(idx, prompts, params, images, budget)
+
+    def _cache_plan(self, keys: list[str]) -> tuple[list[int], dict[int, int], dict[int, Future], dict[int, dict]]:
+        """Which of a batch's requests (by position) to generate; which copy an earlier one of the batch; which
+        wait for another batch that is generating the same request; and the answers already known (this
+        replica's recent answers, then the cache's store)."""
+        found: dict[int, dict] = {}
+        copies: dict[int, int] = {}
+        waits: dict[int, Future] = {}
+        first: dict[str, int] = {}
+        lookup: list[int] = []
+        with self._cache_lock:
+            for k, key in enumerate(keys):
+                if key in first:
+                    copies[k] = first[key]
+                    continue
+                first[key] = k
+                if key in self._memo:
+                    found[k] = self._memo[key]
+                elif key in self._inflight:
+                    waits[k] = self._inflight[key]
+                else:
+                    lookup.append(k)
+        stored = self.cache.get_many([keys[k] for k in lookup])
+        send: list[int] = []
+        with self._cache_lock:
+            for k in lookup:
+                if keys[k] in stored:
+                    found[k] = stored[keys[k]]
+                elif keys[k] in self._inflight:
+                    waits[k] = self._inflight[keys[k]]
+                else:
+                    self._inflight[keys[k]] = Future()
+                    send.append(k)
+        return send, copies, waits, found
+
+    def _cache_done(self, key: str, entry: dict | None, error: str | None) -> None:
+        """A request generated (or failed): remembered for the rest of the run, and any batch waiting for it
+        told."""
+        with self._cache_lock:
+            if entry is not None:
+                self._memo[key] = entry
+                while len(self._memo) > MEMO_ENTRIES:
+                    self._memo.popitem(last=False)
+            future = self._inflight.pop(key, None)
+        if future is not None:
+            future.set_result((entry, error))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
         todo = [i for i, e in enumerate(errors) if e is None]
         n = batch.num_rows
-        text: list[str | None] = [None] * n
-        finish: list[str | None] = [None] * n
-        completion: list[int | None] = [None] * n
-        cached: list[int | None] = [None] * n
-        out_ids: list[list[int] | None] = [None] * n
-        logprob: list[float | None] = [None] * n
         prompt_tokens = batch.column("prompt_tokens").to_pylist()
+        rows: list[dict | None] = [None] * n  # each answered row's entry (`pipelines.cache.ENTRY_FIELDS`)
+        from_cache = [False] * n
+        keys: list[str | None] = [None] * n
         has_images = "image" in batch.column_names
+        cache = getattr(self, "cache", None)
 
         started = time.time()
+        sent = generated_tokens = 0
         if todo:
             prompts = batch.column("prompt_token_ids").take(todo).to_pylist()
             images = batch.column("image").take(todo).to_pylist() if has_images else None
+            raw_params = (batch.column("request_params").take(todo).to_pylist()
+                          if "request_params" in batch.column_names else None)
             params = [self.params] * len(todo)
-            if "request_params" in batch.column_names:
-                params = request_sampling_params(
-                    self.sampling, batch.column("request_params").take(todo).to_pylist(), self.params)
+            if raw_params is not None:
+                params = request_sampling_params(self.sampling, raw_params, self.params)
+            send, copies, waits, found = list(range(len(todo))), {}, {}, {}
+            if cache is not None:
+                for k, i in enumerate(todo):
+                    keys[i] = request_key(self.identity, prompts[k], image=images[k] if images else None,
+                                          request_params=raw_params[k] if raw_params else None)
+                if self.cache_read:
+                    send, copies, waits, found = self._cache_plan([keys[i] for i in todo])
+            if send and getattr(self, "llm", None) is None and self._start_engine():
+                started = time.time()  # the engine's start-up is its own line, not this batch's work
             # Enough engine restarts to isolate one poison request by halving, and a few more.
-            budget = [2 * max(1, len(todo)).bit_length() + 2]
-            done, failed = self._generate(list(range(len(todo))), prompts, params, images, budget)
-            for k, message in failed.items():
-                errors[todo[k]] = message
-            for k, out in sorted(done.items()):
+            budget = [2 * max(1, len(send)).bit_length() + 2]
+            if self.profile is not None and self.profile.engine_args.enable_prefix_caching:
+                send = [send[j] for j in prefix_order([prompts[k] for k in send], self.profile.kv_block_size)]
+            done, failed = (self._generate_batch([prompts[k] for k in send], [params[k] for k in send],
+                                                 [images[k] for k in send] if images else None, budget)
+                            if send else ({}, {}))
+            at = int(time.time() * 1e6)
+            sent = len(send)
+            for j, k in enumerate(send):
                 i = todo[k]
-                # The engine's count: with an image it includes the image's tokens.
-                prompt_tokens[i] = len(out.prompt_token_ids)
-                completion_output = out.outputs[0]
-                text[i] = completion_output.text
-                finish[i] = completion_output.finish_reason
-                out_ids[i] = list(completion_output.token_ids)
-                completion[i] = len(completion_output.token_ids)
-                cached[i] = out.num_cached_tokens
-                if self.logprobs and completion_output.cumulative_logprob is not None:
-                    logprob[i] = completion_output.cumulative_logprob
+                entry = _entry(done[j], at, self.logprobs) if j in done else None
+                rows[i] = entry
+                errors[i] = failed.get(j) if entry is None else None
+                generated_tokens += entry["completion_tokens"] if entry else 0
+                if cache is not None and self.cache_read:
+                    self._cache_done(keys[i], entry, errors[i])
+            for k, entry in found.items():
+                rows[todo[k]], from_cache[todo[k]] = entry, True
+            for k, future in waits.items():
+                entry, error = future.result()
+                rows[todo[k]], errors[todo[k]], from_cache[todo[k]] = entry, error, entry is not None
+            for k, source in copies.items():
+                i, src = todo[k], todo[source]
+                rows[i], errors[i], from_cache[i] = rows[src], errors[src], rows[src] is not None
         ended = time.time()
-        if self.ledger is not None and todo:
-            self.ledger.batch(started, ended, len(todo), sum(c or 0 for c in completion))
+        if self.ledger is not None and sent:
+            self.ledger.batch(started, ended, sent, generated_tokens,
+                              engine_idle_s=round(self.loop.idle_s, 3) if getattr(self, "loop", None) else 0.0,
+                              **peak_memory_mb())
 
+        def col(name):
+            return [r[name] if r is not None else None for r in rows]
+
+        # The engine's count where it answered: with an image it includes the image's tokens.
+        tokens = [r["prompt_tokens"] if r is not None else p for r, p in zip(rows, prompt_tokens)]
         drop = ["error", "prompt_tokens", *(["image"] if has_images else [])]
         result = batch.drop_columns(drop)
-        result = result.append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
-        result = result.append_column("output_text", pa.array(text, pa.string()))
-        result = result.append_column("finish_reason", pa.array(finish, pa.string()))
-        result = result.append_column("completion_tokens", pa.array(completion, pa.int64()))
-        result = result.append_column("cached_prompt_tokens", pa.array(cached, pa.int64()))
-        result = result.append_column("output_token_ids", pa.array(out_ids, pa.list_(pa.int32())))
+        result = result.append_column("prompt_tokens", pa.array(tokens, pa.int64()))
+        result = result.append_column("output_text", pa.array(col("output_text"), pa.string()))
+        result = result.append_column("finish_reason", pa.array(col("finish_reason"), pa.string()))
+        result = result.append_column("completion_tokens", pa.array(col("completion_tokens"), pa.int64()))
+        result = result.append_column("cached_prompt_tokens", pa.array(col("cached_prompt_tokens"), pa.int64()))
+        result = result.append_column("output_token_ids", pa.array(col("output_token_ids"), pa.list_(pa.int32())))
         if self.logprobs:
-            result = result.append_column("output_logprob", pa.array(logprob, pa.float64()))
+            result = result.append_column("output_logprob", pa.array(col("output_logprob"), pa.float64()))
         result = result.append_column("error", pa.array(errors, pa.string()))
-        at = pa.scalar(int(ended * 1e6), pa.timestamp("us", tz="UTC"))
-        result = result.append_column("generated_at", pc.if_else(
-            pc.is_valid(result.column("completion_tokens")), at, pa.scalar(None, at.type)))
+        result = result.append_column("generated_at", pa.array(col("generated_at"), pa.timestamp("us", tz="UTC")))
+        result = result.append_column("cached", pa.array(from_cache, pa.bool_()))
+        result = result.append_column("cache_key", pa.array(keys, pa.string()))
         assert result.num_rows == n, "VLLMGenerator must map each row to exactly one row"
         return result
+
+
+def prefix_order(prompts: list[list[int]], block: int) -> list[int]:
+    """An order for a batch's requests in which vLLM's prefix cache hits: positions into `prompts`.
+
+    The engine only reuses whole KV blocks of a prefix it has finished
+    computing, and requests admitted in the same step cannot share. So requests
+    sharing at least one block with another are grouped (by sorting the token
+    ids), one of each group goes first, and the rest follow after all the
+    groups' first members, by when the shared blocks are in the cache.
+    """
+    if len(prompts) < 2:
+        return list(range(len(prompts)))
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    leaders, followers = [order[0]], []
+    for prev, cur in zip(order, order[1:]):
+        a, b = prompts[prev], prompts[cur]
+        n = min(len(a), len(b), block)
+        shares = n == block and a[:block] == b[:block]
+        (followers if shares else leaders).append(cur)
+    return leaders + followers
+
+
+# Answers a replica remembers for requests repeated later in the same run, before the cache's store has them.
+MEMO_ENTRIES = 4096
+
+
+def _entry(out, generated_at_us: int, logprobs: bool) -> dict[str, Any]:
+    """One engine answer as the generator's columns (and a cache entry)."""
+    c = out.outputs[0]
+    return {
+        "output_text": c.text,
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": len(out.prompt_token_ids),
+        "completion_tokens": len(c.token_ids),
+        "cached_prompt_tokens": out.num_cached_tokens,
+        "output_token_ids": list(c.token_ids),
+        "output_logprob": c.cumulative_logprob if logprobs else None,
+        "generated_at": generated_at_us,
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 
@@ -33,6 +34,8 @@ class ReplicaLedger:
         self.entry = {"attempt": attempt, "profile": profile, "created_at": time.time(), "ready_at": None,
                       "engine_start_s": None, "last_seen": time.time(), "stopped_at": None, "batches": 0,
                       "rows": 0, "output_tokens": 0, "busy_s": 0.0, "first_batch_start": None}
+        self._lock = threading.Lock()
+        self._busy_until = 0.0
 
     def _save(self) -> None:
         try:
@@ -44,16 +47,21 @@ class ReplicaLedger:
         self.entry.update(ready_at=time.time(), engine_start_s=engine_start_s, last_seen=time.time())
         self._save()
 
-    def batch(self, start: float, end: float, rows: int, output_tokens: int) -> None:
-        e = self.entry
-        if e["first_batch_start"] is None:
-            e["first_batch_start"] = start
-        e["batches"] += 1
-        e["rows"] += rows
-        e["output_tokens"] += output_tokens
-        e["busy_s"] += end - start
-        e["last_seen"] = end
-        self._save()
+    def batch(self, start: float, end: float, rows: int, output_tokens: int, **profile: float) -> None:
+        """One batch done; `profile` figures (engine idle seconds, peak memory) replace the last ones."""
+        with self._lock:  # two batches of one replica may finish at once
+            e = self.entry
+            if e["first_batch_start"] is None:
+                e["first_batch_start"] = start
+            e["batches"] += 1
+            e["rows"] += rows
+            e["output_tokens"] += output_tokens
+            # Batches overlap in the engine loop: busy time is the union of their spans.
+            e["busy_s"] += max(0.0, end - max(start, self._busy_until))
+            self._busy_until = max(self._busy_until, end)
+            e["last_seen"] = max(e["last_seen"], end)
+            e.update(profile)
+            self._save()
 
 
 def read_ledger(fs, run_root: str) -> list[dict]:

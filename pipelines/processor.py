@@ -9,7 +9,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipelines.account import account_batch
-from pipelines.adapters import Adapter
+from pipelines.adapters import Adapter, adapter_identity
+from pipelines.cache import ResponseCache, generation_identity, identity_digest, store_batch
 from pipelines.config.load import Job
 from pipelines.generate import VLLMGenerator, actor_env, structured_outputs
 from pipelines.metrics import count_written
@@ -17,13 +18,18 @@ from pipelines.parse import parse_batch
 from pipelines.prompt import render_batch, task_instructions
 from pipelines.read import InputPlan, read_dataset
 from pipelines.schema import task_fields
-from pipelines.storage import StorageOptions
+from pipelines.storage import StorageOptions, filesystem_for
 from pipelines.write import reject_schema, result_schema, write_batch
 
 
 def postprocess_batch(batch: pa.Table, *, parse: dict, account: dict, run_id: str, write: dict,
-                      tags: dict[str, str]) -> pa.Table:
-    """parse -> account -> write, fused into one task per batch; returns what was written (`write.WRITTEN`)."""
+                      tags: dict[str, str], cache: dict | None = None) -> pa.Table:
+    """parse -> account -> write, fused into one task per batch; returns what was written (`write.WRITTEN`).
+
+    New answers go to the response cache first, off the engine's path.
+    """
+    if cache is not None:
+        store_batch(batch, ResponseCache(cache["fs"], cache["root"]))
     parsed = parse_batch(batch, **parse)
     written = write_batch(account_batch(parsed, run_id=run_id, **account), run_id=run_id, **write)
     count_written(written, tags=tags)
@@ -72,6 +78,22 @@ def prompt_kwargs(job: Job, *, tokenizer_path: str, storage: StorageOptions) -> 
     }
 
 
+def cache_settings(job: Job, storage: StorageOptions, adapter: Adapter | None) -> dict | None:
+    """The response cache's folder and the digest of what decides an answer, or None without a cache."""
+    spec = job.spec
+    if spec.cache is None:
+        return None
+    fs, root = filesystem_for(spec.cache.path, storage)
+    identity = generation_identity(
+        engine=job.engine.model_dump(mode="json"),
+        sampling=spec.sampling.model_dump(mode="json"),
+        structured=structured_outputs(spec),
+        logprobs=bool(spec.classify and spec.classify.probability),
+        adapter=adapter_identity(adapter, storage) if adapter else None,
+    )
+    return {"fs": fs, "root": root, "identity": identity_digest(identity), "read": spec.cache.read}
+
+
 def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_fs, tokenizer_path: str,
                   storage: StorageOptions, adapter: Adapter | None = None, attempt: str = "",
                   duplicates: dict[str, dict[int, str]] | None = None):
@@ -93,6 +115,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
 
     spec, engine = job.spec, job.engine
     batch_size = spec.batch_size or engine.engine_args.max_num_seqs
+    cache = cache_settings(job, storage, adapter)
     ds = read_dataset(plan, duplicates=duplicates)
     ds = ds.map_batches(
         render_batch,
@@ -111,8 +134,12 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
             "storage": storage,
             "structured": structured_outputs(spec),
             "logprobs": bool(spec.classify and spec.classify.probability),
+            "cache": cache,
         },
-        compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max),
+        # Two calls at once per replica: one batch waits in the engine loop while the other runs, so the
+        # engine never drains between batches (`pipelines.generate.EngineLoop`).
+        compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max,
+                                  max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=engine.resources.num_cpus,
@@ -137,6 +164,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
             },
             "run_id": run_id,
             "tags": {"job": spec.name, "run_id": run_id},
+            "cache": {"fs": cache["fs"], "root": cache["root"]} if cache else None,
             "write": {
                 "fs": out_fs,
                 "run_root": run_root,

@@ -16,6 +16,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("cached_prompt_tokens", pa.int64()),
+    pa.field("cached", pa.bool_()),  # answered from the response cache: no engine work, no cost
     pa.field("work_units", pa.float64()),
     pa.field("cost_usd", pa.float64()),
     pa.field("compute_usd", pa.float64()),

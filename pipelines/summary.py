@@ -33,7 +33,12 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
     if results is None:
         return {"records_out": 0, "records_ok": 0, "records_failed": 0, "distinct_ids": 0, "prompt_tokens": 0,
                 "completion_tokens": 0, "cached_prompt_tokens": 0, "work_units": 0.0, "cost_usd": 0.0,
-                "compute_usd": 0.0, "overhead_usd": 0.0, "errors_by_kind": {}}
+                "compute_usd": 0.0, "overhead_usd": 0.0, "records_cached": 0, "cached_records_prompt_tokens": 0,
+                "cached_records_cached_prompt_tokens": 0, "cached_records_completion_tokens": 0,
+                "errors_by_kind": {}}
+    # Results written before the response cache existed have no `cached` column.
+    from_cache = (pl.col("cached").fill_null(False) if "cached" in results.collect_schema().names()
+                  else pl.lit(False))
     row = (
         results.select(
             pl.len().alias("records_out"),
@@ -47,6 +52,12 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
             pl.col("cost_usd").sum().alias("cost_usd"),
             pl.col("compute_usd").sum().alias("compute_usd"),
             pl.col("overhead_usd").sum().alias("overhead_usd"),
+            # Answers from the response cache: their tokens are the engine work the run did not do.
+            from_cache.sum().alias("records_cached"),
+            pl.col("prompt_tokens").filter(from_cache).fill_null(0).sum().alias("cached_records_prompt_tokens"),
+            pl.col("cached_prompt_tokens").filter(from_cache).fill_null(0).sum()
+            .alias("cached_records_cached_prompt_tokens"),
+            pl.col("completion_tokens").filter(from_cache).fill_null(0).sum().alias("cached_records_completion_tokens"),
         )
         .collect()
         .row(0, named=True)

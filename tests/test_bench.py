@@ -13,18 +13,26 @@ JOB = Path(__file__).resolve().parents[1] / "conf/jobs/ticket_triage.yaml"
 
 
 @pytest.mark.engine
-def test_bench_compares_raw_vllm_and_pipeline(ray_cluster, model_path, tmp_path, capsys):
+def test_bench_compares_raw_vllm_the_pipeline_ray_data_llm_and_transformers(ray_cluster, model_path, tmp_path,
+                                                                            capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", str(JOB), "--rows", "40", "--max-tokens", "8", "--json", str(out)]) == 0
+    assert main(["bench", str(JOB), "--rows", "24", "--max-tokens", "8", "--transformers-rows", "8",
+                 "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "ratio pipeline/raw at steady state" in printed
+    assert "pipeline/raw:" in printed and "pipeline/ray data llm:" in printed and "pipeline profile:" in printed
     figures = json.loads(out.read_text())
-    # ignore_eos: both sides generate exactly rows x max_tokens tokens for the same prompts.
-    assert figures["raw_vllm"]["output_tokens"] == figures["pipeline"]["output_tokens"] == 40 * 8
-    assert figures["raw_vllm"]["requests"] == figures["pipeline"]["requests"] == 40
-    assert figures["raw_vllm"]["output_tokens_per_s"] > 0 and figures["pipeline"]["output_tokens_per_s"] > 0
-    ratio = figures["pipeline"]["output_tokens_per_s"] / figures["raw_vllm"]["output_tokens_per_s"]
-    assert figures["ratio_pipeline_to_raw"] == pytest.approx(ratio)
+    sides = figures["runs"][0]["sides"]
+    assert set(sides) == {"raw", "pipeline", "ray_data_llm", "transformers"}
+    # ignore_eos: every side generates exactly rows x max_tokens tokens for the same prompts.
+    for side in ("raw", "pipeline", "ray_data_llm"):
+        assert sides[side]["output_tokens"] == 24 * 8 and sides[side]["requests"] == 24, side
+        assert sides[side]["output_tokens_per_s"] > 0 and sides[side]["driver_peak_rss_mb"] > 0, side
+    assert sides["transformers"]["output_tokens"] == 8 * 8
+    assert sides["pipeline"]["actor_peak_rss_mb"] > 0 and sides["pipeline"]["engine_peak_rss_mb"] > 0
+    ratio = sides["pipeline"]["output_tokens_per_s"] / sides["raw"]["output_tokens_per_s"]
+    assert figures["median"]["ratio_pipeline_to_raw"] == pytest.approx(ratio)
+    assert figures["median"]["ratio_pipeline_to_ray_data_llm"] == pytest.approx(
+        sides["pipeline"]["output_tokens_per_s"] / sides["ray_data_llm"]["output_tokens_per_s"])
 
 
 @pytest.mark.engine

@@ -26,6 +26,16 @@ class StandInEngine:
         StandInEngine.starts += 1
         self.dead = False
 
+        self.llm_engine = self  # the engine loop steps `llm.llm_engine`
+        self.pending: dict[str, list[int]] = {}
+        self.counter = 0
+
+    @staticmethod
+    def _answer(i, request_id="0"):
+        return SimpleNamespace(request_id=request_id, finished=True, prompt_token_ids=i, num_cached_tokens=0,
+                               outputs=[SimpleNamespace(text=f"t{i[0]}", finish_reason="stop", token_ids=[i[0]],
+                                                        cumulative_logprob=None)])
+
     def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         ids = [p["prompt_token_ids"] for p in prompts]
         if self.dead or [666] in ids:
@@ -33,8 +43,34 @@ class StandInEngine:
             raise EngineDeadError("EngineCore encountered an issue")
         if [13] in ids:
             raise ValueError("grammar error")
-        return [SimpleNamespace(prompt_token_ids=i, num_cached_tokens=0, outputs=[SimpleNamespace(
-            text=f"t{i[0]}", finish_reason="stop", token_ids=[i[0]], cumulative_logprob=None)]) for i in ids]
+        return [self._answer(i) for i in ids]
+
+    # The engine loop's interface: LLM.enqueue, then LLMEngine.step until nothing is unfinished.
+    def enqueue(self, prompts, params, lora_request=None, use_tqdm=False):
+        ids = [p["prompt_token_ids"] for p in prompts]
+        if [13] in ids:
+            raise ValueError("grammar error")
+        rids = []
+        for i in ids:
+            self.counter += 1
+            self.pending[str(self.counter)] = i
+            rids.append(f"{self.counter}-a1b2c3d4")  # as vLLM: internal ids; outputs carry the first part
+        return rids
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def step(self):
+        if self.dead or [666] in self.pending.values():
+            self.dead = True
+            raise EngineDeadError("EngineCore encountered an issue")
+        # One request finishes per step, the newest first: outputs come back out of order.
+        rid, i = self.pending.popitem()
+        return [self._answer(i, rid)]
+
+    def abort_request(self, request_ids, internal=False):
+        for rid in request_ids:
+            self.pending.pop(rid.rsplit("-", 1)[0], None)
 
 
 @pytest.fixture
@@ -43,12 +79,13 @@ def generator(monkeypatch):
     monkeypatch.setattr(generate, "make_llm", lambda *a, **k: StandInEngine())
     monkeypatch.setattr(generate, "tokens_prompt", lambda ids, image=None: {"prompt_token_ids": ids})
     g = VLLMGenerator.__new__(VLLMGenerator)  # no real engine: only __call__'s logic is under test
-    g.profile = SimpleNamespace(name="stand-in")
+    g.profile = SimpleNamespace(name="stand-in", engine_args=SimpleNamespace(enable_prefix_caching=True), kv_block_size=2)
     g._engine_args = (None, None, None, {})
     g.llm = StandInEngine()
     g.lora_request, g.logprobs, g.ledger = None, False, None
     g.sampling = SamplingSpec()
     g.params = object()
+    g.loop = generate.EngineLoop(g)
     return g
 
 
@@ -82,7 +119,35 @@ def test_an_engine_that_keeps_dying_gives_up(generator, monkeypatch):
         def generate(self, *a, **k):
             raise EngineDeadError("dead again")
 
+        def step(self):
+            raise EngineDeadError("dead again")
+
     monkeypatch.setattr(generate, "make_llm", lambda *a, **k: AlwaysDead())
     generator.llm = AlwaysDead()
     with pytest.raises(RuntimeError, match="the engine died too often"):
         generator(batch([[k] for k in range(1, 9)]))
+
+
+def test_the_engine_loop_serves_batches_that_overlap_in_order(generator):
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[[k] for k in range(b * 100 + 1, b * 100 + 9)] for b in range(1, 5)]
+    with ThreadPoolExecutor(2) as pool:  # as the actor runs two calls at once
+        outs = list(pool.map(lambda ids: generator(batch(ids)), batches))
+    for ids, out in zip(batches, outs):
+        assert out.column("output_text").to_pylist() == [f"t{i[0]}" for i in ids]
+        assert out.column("error").null_count == len(ids)
+    assert StandInEngine.starts == 1 and generator.loop._jobs == {}
+
+
+def test_prefix_order_puts_one_of_each_shared_prefix_first_and_its_followers_after():
+    a, b = [1, 2, 3, 4], [7, 7, 7, 7]
+    prompts = [a + [9], [5, 6], b + [1], a + [8], b + [2], a + [7], [5, 0]]
+    order = generate.prefix_order(prompts, block=4)
+    assert sorted(order) == list(range(len(prompts)))
+    firsts = order[:4]  # one per group of shared whole blocks, and each prompt that shares none
+    assert {tuple(prompts[i][:4]) for i in firsts if len(prompts[i]) > 4} == {tuple(a), tuple(b)}
+    assert {1, 6} <= set(firsts)
+    # The followers come after every leader, grouped by prefix.
+    assert [prompts[i][:4] for i in order[4:]] == [a, a, b]
+    assert generate.prefix_order([[1]], block=4) == [0]

@@ -181,6 +181,21 @@ class CostSpec(BaseModel):
     )
 
 
+class CacheSpec(BaseModel):
+    """The response cache: answers kept across runs, keyed by what decides them (`pipelines.cache`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        ..., description="Folder of the cache: local path, `s3://` or `gs://`. Jobs may share one: a key holds the "
+        "model, the engine settings that change answers, the sampling, the constraint, the adapter and the prompt.",
+    )
+    read: bool = Field(
+        True, description="Answer requests found in the cache from it; false generates every request again and "
+        "refreshes the cache.",
+    )
+
+
 class ActorPoolSpec(BaseModel):
     """How many engine replicas run; Ray scales between min and max."""
 
@@ -218,6 +233,8 @@ class JobSpec(BaseModel):
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
     failures: FailureSpec = Field(default_factory=FailureSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
+    cache: CacheSpec | None = Field(
+        None, description="Reuse answers of earlier runs (and of repeats within a run); none means no cache.")
     batch_size: int | None = Field(
         None, ge=1,
         description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "
