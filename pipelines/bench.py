@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config.load import Job, load_job
-from pipelines.generate import actor_env
+from pipelines.generate import vm_hwm_mb, actor_env
 from pipelines.models import resolve_engine_paths
 from pipelines.processor import prompt_kwargs
 from pipelines.prompt import render_batch
@@ -523,7 +523,7 @@ def pipeline_side(args: dict) -> None:
         "requests": summary["records_out"], "output_tokens": summary["completion_tokens"],
         "steady_output_tokens_per_s": summary["steady_output_tokens_per_s"],
         "steady_s": summary["completion_tokens"] / summary["steady_output_tokens_per_s"],
-        "driver_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+        "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
         "driver_cpu_s": round(_cpu_s("self") - cpu0, 2),
         "ray_daemons_cpu_s": daemons,
         "actor_peak_rss_mb": max((e.get("actor_peak_rss_mb") or 0) for e in ledger),
@@ -576,7 +576,7 @@ def ray_data_llm_side(args: dict) -> None:
     steady_s = max(r["at"] for r in rows) - first
     print("TOKENMILL_BENCH " + json.dumps({
         "wall_s": wall, "steady_s": steady_s, "engine_start_s": None, "requests": len(rows),
-        "output_tokens": sum(r["n"] for r in rows), "driver_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+        "output_tokens": sum(r["n"] for r in rows), "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
     }), flush=True)
 
 
@@ -609,14 +609,8 @@ def transformers_side(args: dict) -> None:
     steady_s = time.perf_counter() - t1
     print("TOKENMILL_BENCH " + json.dumps({
         "engine_start_s": start_s, "steady_s": steady_s, "requests": len(prompts), "output_tokens": tokens,
-        "driver_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
+        "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
     }), flush=True)
-
-
-def _vm_hwm_mb(pid: int | str) -> float:
-    from pipelines.generate import _vm_hwm_mb as hwm
-
-    return hwm(pid)
 
 
 def _cpu_s(pid: int | str) -> float:

@@ -159,7 +159,7 @@ def generate_ids(llm, prompt_token_ids: list[list[int]], params, *, images: list
     return outputs
 
 
-def _vm_hwm_mb(pid: int | str) -> float:
+def vm_hwm_mb(pid: int | str) -> float:
     """A process's peak resident memory (Linux `VmHWM`), MiB; 0 where it cannot be read."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -179,8 +179,8 @@ def peak_memory_mb() -> dict[str, float]:
 
     me = psutil.Process()
     cpu = me.cpu_times()
-    return {"actor_peak_rss_mb": round(_vm_hwm_mb("self"), 1),
-            "engine_peak_rss_mb": round(sum(_vm_hwm_mb(c.pid) for c in me.children(recursive=True)), 1),
+    return {"actor_peak_rss_mb": round(vm_hwm_mb("self"), 1),
+            "engine_peak_rss_mb": round(sum(vm_hwm_mb(c.pid) for c in me.children(recursive=True)), 1),
             # The actor's own CPU (batches in and out, the engine loop, detokenizing), not the engine's.
             "actor_cpu_s": round(cpu.user + cpu.system, 2)}
 
