@@ -25,7 +25,7 @@ from pipelines.config.load import Job, load_job
 from pipelines.generate import vm_hwm_mb, actor_env
 from pipelines.models import resolve_engine_paths
 from pipelines.processor import prompt_kwargs
-from pipelines.prompt import render_batch
+from pipelines.prompt import render_batch, task_instructions, template_fields
 from pipelines.read import plan_input
 
 
@@ -86,6 +86,7 @@ def raw_side(args: dict) -> None:
     memory = peak_memory_mb()
     print("TOKENMILL_BENCH " + json.dumps(
         {"engine_start_s": start_s, "steady_s": steady_s, "requests": len(outputs), "output_tokens": tokens,
+         "prompt_tokens": sum(len(p) for p in args["prompts"]),
          "driver_peak_rss_mb": memory["actor_peak_rss_mb"], "engine_peak_rss_mb": memory["engine_peak_rss_mb"]}
     ), flush=True)
 
@@ -521,6 +522,7 @@ def pipeline_side(args: dict) -> None:
     print("TOKENMILL_BENCH " + json.dumps({
         "engine_start_s": summary["engine_start_s"], "wall_s": summary["wall_s"],
         "requests": summary["records_out"], "output_tokens": summary["completion_tokens"],
+        "prompt_tokens": summary["prompt_tokens"],
         "steady_output_tokens_per_s": summary["steady_output_tokens_per_s"],
         "steady_s": summary["completion_tokens"] / summary["steady_output_tokens_per_s"],
         "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
@@ -535,7 +537,13 @@ def pipeline_side(args: dict) -> None:
 
 
 def ray_data_llm_side(args: dict) -> None:
-    """Ray's own batch processor (`ray.data.llm`) with the same engine settings, on the same token ids.
+    """Ray's own batch processor (`ray.data.llm`) doing the pipeline's job with the same engine settings.
+
+    It reads the same Parquet shards, builds the same chat messages in its
+    `preprocess`, and lets its own stages apply the chat template, tokenize and
+    detokenize (each a one-actor pool, Ray's default), then writes Parquet, as
+    a user of Ray's processor would. The prompt tokens it sent are reported so
+    the bench can check both sides asked the engine the same thing.
 
     On CPU it needs a placement group of one CPU bundle (else it waits for a
     GPU), more CPUs declared than a 2-core machine has (its stages ask for
@@ -545,11 +553,13 @@ def ray_data_llm_side(args: dict) -> None:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from pipelines.config.engine import EngineProfile
+    from pipelines.prompt import build_messages
 
     profile = EngineProfile.model_validate(args["profile"])
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    stage = {"model_source": args["tokenizer_path"]}
     config = vLLMEngineProcessorConfig(
         model_source=args["model_path"],
         engine_kwargs={"tokenizer": args["tokenizer_path"], **profile.engine_args.to_vllm_kwargs()},
@@ -558,25 +568,30 @@ def ray_data_llm_side(args: dict) -> None:
         concurrency=1,
         placement_group_config={"bundles": [{"CPU": 1}]} if profile.device == "cpu" else None,
         log_engine_metrics=False,
-        chat_template_stage=False,
-        tokenize_stage=False,
-        detokenize_stage=True,
+        chat_template_stage=stage,
+        tokenize_stage=stage,
+        detokenize_stage=stage,
     )
+    system, user, instructions = args["system"], args["user"], args["instructions"]
     sampling = {"max_tokens": args["max_tokens"], "ignore_eos": True, "temperature": 0.0}
     processor = build_processor(
         config,
-        preprocess=lambda row: {"tokenized_prompt": row["prompt_token_ids"], "sampling_params": sampling},
-        postprocess=lambda row: {"n": row["num_generated_tokens"], "t": row["time_taken_llm"], "at": time.time()},
+        preprocess=lambda row: {"messages": build_messages(row, system, user, instructions=instructions),
+                                "sampling_params": sampling},
+        postprocess=lambda row: {"n": row["num_generated_tokens"], "p": row["num_input_tokens"],
+                                 "text": row["generated_text"], "t": row["time_taken_llm"], "at": time.time()},
     )
-    ds = ray.data.read_parquet(args["input"], columns=["prompt_token_ids"])
-    rows = processor(ds).take_all()
+    out = str(Path(args["output"]))
+    processor(ray.data.read_parquet(args["input"], columns=args["columns"])).write_parquet(out)
     wall = time.perf_counter() - t0
+    rows = pq.read_table(out, columns=["n", "p", "t", "at"]).to_pydict()
     # Steady state: from the first request's submission to the last row out of the processor.
-    first = min(r["at"] - r["t"] for r in rows)
-    steady_s = max(r["at"] for r in rows) - first
+    first = min(at - t for at, t in zip(rows["at"], rows["t"]))
+    steady_s = max(rows["at"]) - first
     print("TOKENMILL_BENCH " + json.dumps({
-        "wall_s": wall, "steady_s": steady_s, "engine_start_s": None, "requests": len(rows),
-        "output_tokens": sum(r["n"] for r in rows), "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
+        "wall_s": wall, "steady_s": steady_s, "engine_start_s": None, "requests": len(rows["n"]),
+        "output_tokens": sum(rows["n"]), "prompt_tokens": sum(rows["p"]),
+        "driver_peak_rss_mb": round(vm_hwm_mb("self"), 1),
     }), flush=True)
 
 
@@ -676,10 +691,12 @@ def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path |
         job = load_job(job_path, conf_dir=conf_dir, overrides=pipe_overrides)
         model_path, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
         prompts = prompt_ids(job, table, tokenizer_path)
-        # ray.data.llm reads the same token ids from Parquet.
-        pq.write_table(pa.table({"prompt_token_ids": pa.array(prompts, pa.list_(pa.int32()))}),
-                       workdir / "prompts.parquet")
         del table
+        # ray.data.llm builds the same messages from the same shards in its own preprocess.
+        prompt_text = {"system": job.spec.prompt.system, "user": job.spec.prompt.user,
+                       "instructions": task_instructions(job.spec)}
+        prompt_columns = list(dict.fromkeys(template_fields(prompt_text["system"] or "")
+                                            + template_fields(prompt_text["user"])))
         common = {"profile": job.engine.model_dump(mode="json"), "model_path": model_path,
                   "tokenizer_path": tokenizer_path, "max_tokens": max_tokens}
         batch_size = job.spec.batch_size or job.engine.engine_args.max_num_seqs
@@ -692,8 +709,9 @@ def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path |
                     payload = {"mode": "pipeline", "job": str(job_path), "overrides": pipe_overrides,
                                "conf_dir": str(conf_dir) if conf_dir else None, "run_id": f"bench-{r}"}
                 elif side == "ray_data_llm":
-                    payload = {**common, "mode": "ray_data_llm", "input": str(workdir / "prompts.parquet"),
-                               "batch_size": batch_size, "env": actor_env(job.engine)}
+                    payload = {**common, "mode": "ray_data_llm", "input": str(workdir / "input"),
+                               "output": str(workdir / f"ray-data-llm-{r}"), "columns": prompt_columns,
+                               "batch_size": batch_size, "env": actor_env(job.engine), **prompt_text}
                 else:
                     payload = {**common, "mode": "transformers", "prompts": prompts[:transformers_rows],
                                "batch_size": 64}
@@ -757,6 +775,10 @@ def format_bench(r: dict[str, Any]) -> str:
                 f"{f['output_tokens_per_s']:>8.1f}{f['requests_per_s']:>7.2f}"
                 f"{f['with_startup_output_tokens_per_s']:>17.1f}{_mb(f.get('driver_peak_rss_mb')):>10}"
                 f"{_mb(f.get('actor_peak_rss_mb')):>9}{_mb(f.get('engine_peak_rss_mb')):>10}")
+        sent = {f.get("prompt_tokens") for f in run["sides"].values() if f.get("prompt_tokens") is not None}
+        if len(sent) > 1:
+            lines.append("  WARNING: the sides sent the engine different prompt tokens: " + ", ".join(
+                f"{SIDE_NAMES[s]} {f['prompt_tokens']:,}" for s, f in run["sides"].items() if f.get("prompt_tokens")))
         if "pipeline" in run["sides"]:
             p = run["sides"]["pipeline"]
             daemons = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["ray_daemons_cpu_s"].items()))

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from typing import Any
@@ -52,6 +53,9 @@ def ensure_ray() -> None:
         global _LOCAL_CLUSTER
         _LOCAL_CLUSTER = True
         yield_to_workers()
+        # Ray Data starts its helper actors (stats, autoscaling coordinator, actor locations) when a dataset
+        # runs, and they run at 0 until found: look for new ones every few seconds for as long as we live.
+        threading.Thread(target=_keep_yielding, name="tokenmill-yield", daemon=True).start()
 
 
 _LOCAL_CLUSTER = False  # this process started the cluster, so may set its processes' priorities
@@ -75,15 +79,19 @@ def _bookkeeping(proc) -> bool:
 
 def yield_to_workers(niceness: int = 19) -> list[int]:
     """Raise the niceness of this driver's threads and of the local cluster's bookkeeping processes (never
-    lowers it, so no privilege is needed); the pids changed. Called when the cluster starts and again once
-    the dataset runs (Ray Data starts its helper actors then)."""
+    lowers it, so no privilege is needed); the pids changed. Called when the cluster starts, then every few
+    seconds (Ray Data starts its helper actors when a dataset runs); a process is looked at once per title."""
     import psutil
 
     changed = []
     me = psutil.Process()
-    procs = [me, *me.children(recursive=True)]
-    for proc in procs:
+    for proc in [me, *me.children(recursive=True)]:
         try:
+            title = proc.cmdline()
+            # A pooled worker takes a new title with each task or actor it runs: look again when it does.
+            if not title or title[0] == "ray::IDLE" or (proc.pid, title[0]) in _SEEN:
+                continue
+            _SEEN.add((proc.pid, title[0]))
             if proc.pid != me.pid and not _bookkeeping(proc):
                 continue
             for tid in [t.id for t in proc.threads()]:  # niceness is per thread on Linux
@@ -93,6 +101,35 @@ def yield_to_workers(niceness: int = 19) -> list[int]:
         except (psutil.Error, OSError):
             continue
     return changed
+
+
+_SEEN: set[tuple[int, str]] = set()  # (pid, title) pairs yield_to_workers has dealt with
+
+
+def _keep_yielding() -> None:
+    # Helper actors appear within seconds of a dataset's start; a scan costs tens of milliseconds of /proc
+    # reading, so look often at first and seldom after.
+    for delay in (1, 2, 4, 8, 15, 30):
+        time.sleep(delay)
+        yield_to_workers()
+    while True:
+        time.sleep(60)
+        yield_to_workers()
+
+
+def calm_scheduling(wait_s: float = 0.5) -> None:
+    """Let Ray Data's scheduler wait longer for finished tasks before it looks again.
+
+    Its loop wakes every 0.1 s, and each turn costs milliseconds of the driver's
+    CPU: a few percent of one core, which on a small machine comes out of the
+    engine. Our tasks run for seconds (an engine batch for tens), so looking
+    twice a second delays nothing that matters. The setting is a module constant
+    of Ray Data's executor; where a Ray version lacks it, nothing changes.
+    """
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    if isinstance(getattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None), (int, float)):
+        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = max(state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, wait_s)
 
 
 def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan | list[str]]:
@@ -198,6 +235,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = progress
+        calm_scheduling()
         attempt = uuid.uuid4().hex[:8]
         processed = failed = 0
         meter = Progress(job, run_id, out_fs, run_root, total=sum(s.num_rows for s in todo.shards))
@@ -206,8 +244,6 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
                                tokenizer_path=tokenizer_path, storage=storage, adapter=adapter,
                                attempt=attempt, duplicates=duplicates)
             for n, written in enumerate(ds.iter_rows()):
-                if n == 0 and _LOCAL_CLUSTER:
-                    yield_to_workers()  # Ray Data's helper actors exist by now
                 committer.record(written)
                 meter.add(written)
                 processed += written["results_rows"] + written["rejects_rows"]

@@ -27,6 +27,10 @@ def test_bench_compares_raw_vllm_the_pipeline_ray_data_llm_and_transformers(ray_
     for side in ("raw", "pipeline", "ray_data_llm"):
         assert sides[side]["output_tokens"] == 24 * 8 and sides[side]["requests"] == 24, side
         assert sides[side]["output_tokens_per_s"] > 0 and sides[side]["driver_peak_rss_mb"] > 0, side
+    # ray.data.llm built the messages and tokenized them itself: the engine still got the same prompts.
+    assert sides["raw"]["prompt_tokens"] > 24 * 10
+    assert sides["pipeline"]["prompt_tokens"] == sides["raw"]["prompt_tokens"] == sides["ray_data_llm"]["prompt_tokens"]
+    assert "WARNING" not in printed
     assert sides["transformers"]["output_tokens"] == 8 * 8
     assert sides["pipeline"]["actor_peak_rss_mb"] > 0 and sides["pipeline"]["engine_peak_rss_mb"] > 0
     ratio = sides["pipeline"]["output_tokens_per_s"] / sides["raw"]["output_tokens_per_s"]

@@ -1,0 +1,45 @@
+"""The runner's process priorities on a cluster it starts itself (pure process handling; no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# In a child process, so the test runner itself is not reniced: stand-ins carry the titles Ray gives its
+# processes (`exec -a` sets argv[0]), and one pooled worker changes title as Ray's do.
+SCRIPT = r"""
+import json, os, subprocess, time
+from pipelines.runner import yield_to_workers
+
+def start(title):
+    return subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 30"])
+
+helpers = [start(t) for t in ("ray::_StatsActor", "ray::ActorLocationTracker", "ray::DashboardAgent")]
+engine = start("ray::MapWorker(MapBatches(VLLMGenerator))")
+pooled = start("ray::IDLE")
+time.sleep(0.5)
+first = yield_to_workers()
+nice = lambda p: os.getpriority(os.PRIO_PROCESS, p.pid)
+seen = {"helpers": [nice(p) for p in helpers], "engine": nice(engine), "idle": nice(pooled),
+        "driver": os.getpriority(os.PRIO_PROCESS, 0), "again": yield_to_workers()}
+pooled.kill(); pooled.wait()
+late = start("ray::_AutoscalingCoordinatorActor")  # a helper actor that starts once the dataset runs
+time.sleep(0.5)
+seen["late_changed"] = yield_to_workers() == [late.pid]
+seen["late"] = nice(late)
+for p in [*helpers, engine, late]:
+    p.kill()
+print(json.dumps(seen))
+"""
+
+
+def test_bookkeeping_yields_to_the_engine_and_late_helpers_are_found():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["helpers"] == [19, 19, 19]
+    assert seen["driver"] == 19
+    # The engine's actor and workers not yet given a job keep their priority.
+    assert seen["engine"] == 0 and seen["idle"] == 0
+    assert seen["again"] == []  # each process is looked at once per title
+    assert seen["late_changed"] and seen["late"] == 19
