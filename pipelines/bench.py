@@ -560,10 +560,16 @@ def ray_data_llm_side(args: dict) -> None:
     if not ray.is_initialized():
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     stage = {"model_source": args["tokenizer_path"]}
+    env = dict(args["env"])
+    if profile.device == "cpu":
+        # Ray caps an actor's OMP_NUM_THREADS at its CPUs (one bundle CPU here), which would leave the engine
+        # one core; the pipeline's actor binds every core (`generate._bind_cpu_threads`), so this side does too.
+        cores = sorted(os.sched_getaffinity(0))
+        env.update({"OMP_NUM_THREADS": str(len(cores)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))})
     config = vLLMEngineProcessorConfig(
         model_source=args["model_path"],
         engine_kwargs={"tokenizer": args["tokenizer_path"], **profile.engine_args.to_vllm_kwargs()},
-        runtime_env={"env_vars": args["env"]},
+        runtime_env={"env_vars": env},
         batch_size=args["batch_size"],
         concurrency=1,
         placement_group_config={"bundles": [{"CPU": 1}]} if profile.device == "cpu" else None,
