@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config.load import Job, load_job
-from pipelines.generate import vm_hwm_mb, actor_env
+from pipelines.generate import actor_env, bind_cpu_threads, vm_hwm_mb
 from pipelines.models import resolve_engine_paths
 from pipelines.processor import prompt_kwargs
-from pipelines.prompt import render_batch, task_instructions, template_fields
+from pipelines.prompt import prompt_fields, render_batch, task_instructions
 from pipelines.read import plan_input
 
 
@@ -563,9 +563,8 @@ def ray_data_llm_side(args: dict) -> None:
     env = dict(args["env"])
     if profile.device == "cpu":
         # Ray caps an actor's OMP_NUM_THREADS at its CPUs (one bundle CPU here), which would leave the engine
-        # one core; the pipeline's actor binds every core (`generate._bind_cpu_threads`), so this side does too.
-        cores = sorted(os.sched_getaffinity(0))
-        env.update({"OMP_NUM_THREADS": str(len(cores)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))})
+        # one core; the pipeline's actor binds every core, so this side does too.
+        bind_cpu_threads(env)
     config = vLLMEngineProcessorConfig(
         model_source=args["model_path"],
         engine_kwargs={"tokenizer": args["tokenizer_path"], **profile.engine_args.to_vllm_kwargs()},
@@ -702,8 +701,7 @@ def run_bench(job_path: Path, *, overrides: Sequence[str] = (), conf_dir: Path |
         # ray.data.llm builds the same messages from the same shards in its own preprocess.
         prompt_text = {"system": job.spec.prompt.system, "user": job.spec.prompt.user,
                        "instructions": task_instructions(job.spec)}
-        prompt_columns = list(dict.fromkeys(template_fields(prompt_text["system"] or "")
-                                            + template_fields(prompt_text["user"])))
+        prompt_columns = prompt_fields(prompt_text["system"], prompt_text["user"])
         common = {"profile": job.engine.model_dump(mode="json"), "model_path": model_path,
                   "tokenizer_path": tokenizer_path, "max_tokens": max_tokens}
         batch_size = job.spec.batch_size or job.engine.engine_args.max_num_seqs

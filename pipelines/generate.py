@@ -84,18 +84,18 @@ def actor_env(profile: EngineProfile) -> dict[str, str]:
     return env
 
 
-def _bind_cpu_threads() -> None:
-    # Ray caps OMP_NUM_THREADS at the actor's num_cpus; the engine should use
-    # every core this process may run on, bound one thread to each.
+def bind_cpu_threads(env) -> None:
+    """Give a CPU engine every core this process may run on, one thread bound to each, in `env` (a dict or
+    `os.environ`); a thread binding already there stays. Ray caps OMP_NUM_THREADS at an actor's num_cpus."""
     cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
+    env["OMP_NUM_THREADS"] = str(len(cores))
 
 
 def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str, **extra: Any):
     """A `vllm.LLM` for the profile (in the calling process); `extra` adds engine arguments (LoRA's)."""
     if profile.device == "cpu":
-        _bind_cpu_threads()
+        bind_cpu_threads(os.environ)
     from vllm import LLM
 
     return LLM(model=model_path, tokenizer=tokenizer_path, **{**profile.engine_args.to_vllm_kwargs(), **extra})

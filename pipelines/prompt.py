@@ -73,6 +73,11 @@ def task_instructions(spec) -> str | None:
     return None
 
 
+def prompt_fields(system: str | None, user: str) -> list[str]:
+    """The input columns the prompt templates name, system's first, each once."""
+    return list(dict.fromkeys(template_fields(system or "") + template_fields(user)))
+
+
 def build_messages(row: dict[str, Any], system: str | None, user: str, *, image: bool = False,
                    instructions: str | None = None) -> list[dict]:
     """The chat messages for one record; with `image`, the user message is an image part then a text part."""
@@ -126,7 +131,7 @@ def render_batch(
         placeholders: list[str] = []
         wanted = [id_column, messages_column]
     else:
-        placeholders = list(dict.fromkeys(template_fields(system or "") + template_fields(user)))
+        placeholders = prompt_fields(system, user)
         wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
     wanted += [c for c in ("reject", "max_tokens") if c in batch.column_names]
     rows = batch.select(list(dict.fromkeys(wanted))).to_pylist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -68,10 +69,9 @@ _RAY_DAEMONS = ("gcs_server", "dashboard/agent.py", "runtime_env/agent/main.py",
 _RAY_HELPER_TITLES = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA")
 
 
-def _bookkeeping(proc) -> bool:
+def _bookkeeping(proc, argv: list[str]) -> bool:
     if proc.name() == "raylet":
         return False
-    argv = proc.cmdline()
     # The program itself, not its arguments: the raylet names the agents' scripts among its flags.
     program = " ".join(argv[:3])
     return any(d in program for d in _RAY_DAEMONS) or bool(argv and argv[0].startswith(_RAY_HELPER_TITLES))
@@ -92,7 +92,7 @@ def yield_to_workers(niceness: int = 19) -> list[int]:
             if not title or title[0] == "ray::IDLE" or (proc.pid, title[0]) in _SEEN:
                 continue
             _SEEN.add((proc.pid, title[0]))
-            if proc.pid != me.pid and not _bookkeeping(proc):
+            if proc.pid != me.pid and not _bookkeeping(proc, title):
                 continue
             for tid in [t.id for t in proc.threads()]:  # niceness is per thread on Linux
                 if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
@@ -109,11 +109,8 @@ _SEEN: set[tuple[int, str]] = set()  # (pid, title) pairs yield_to_workers has d
 def _keep_yielding() -> None:
     # Helper actors appear within seconds of a dataset's start; a scan costs tens of milliseconds of /proc
     # reading, so look often at first and seldom after.
-    for delay in (1, 2, 4, 8, 15, 30):
+    for delay in itertools.chain((1, 2, 4, 8, 15, 30), itertools.repeat(60)):
         time.sleep(delay)
-        yield_to_workers()
-    while True:
-        time.sleep(60)
         yield_to_workers()
 
 
