@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=1, help="repeat every side this many times, in turn; "
                                                           "the ratios' medians are reported")
     bench.add_argument("--sides", default=",".join(("raw", "pipeline", "ray_data_llm", "transformers")),
-                       help="comma-separated, from raw, pipeline, ray_data_llm, transformers (raw always)")
+                       help="comma-separated, from raw, pipeline, ray_data_llm, transformers; every ratio "
+                                            "needs raw or the pipeline among them")
     bench.add_argument("--transformers-rows", type=int, default=256,
                        help="prompts for the transformers side (slow on CPU; its rate is what is compared)")
     bench.add_argument("--cache", action="store_true",

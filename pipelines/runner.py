@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -47,10 +48,8 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        # Ray starts its workers at niceness 15 and keeps its own daemons and this driver at 0, so on a small
-        # machine its bookkeeping preempts the engine. Here the engine's actor runs at 0 and the rest yields.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+        with _daemon_env(QUIET_CLUSTER_ENV):
+            ray.init(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
         global _LOCAL_CLUSTER
         _LOCAL_CLUSTER = True
         yield_to_workers()
@@ -61,6 +60,33 @@ def ensure_ray() -> None:
 
 _LOCAL_CLUSTER = False  # this process started the cluster, so may set its processes' priorities
 
+# What a cluster tokenmill starts for itself hands its daemons, which read it when they start. On a small
+# machine every wakeup of Ray's bookkeeping comes out of the engine:
+QUIET_CLUSTER_ENV = {
+    # Ray starts its workers at niceness 15 and keeps its daemons and this driver at 0, so its bookkeeping
+    # preempts the engine; here the engine's actor runs at 0 and the rest yields (yield_to_workers).
+    "RAY_worker_niceness": "0",
+    # The log monitor globs the log folder for new files ten times a second until there are a thousand;
+    # every 2 s is soon enough (a new file is read from its start, so no line is lost).
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "2",
+    # The dashboard agent samples every worker's process stats every 5 s for a dashboard a local cluster
+    # does not run; its node metrics come every 30 s instead. Application metrics are not affected.
+    "REPORTER_UPDATE_INTERVAL_MS": "30000",
+}
+
+
+@contextlib.contextmanager
+def _daemon_env(values: dict[str, str]):
+    """`values` in the environment (where the user has not set them) while the cluster's daemons start."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
 
 # Ray's processes that do bookkeeping, not the job's work: its daemons, by program, and Ray Data's helper
 # actors, by process title. The raylet stays as it is (it forks the workers, which would inherit its
@@ -69,12 +95,25 @@ _RAY_DAEMONS = ("gcs_server", "dashboard/agent.py", "runtime_env/agent/main.py",
 _RAY_HELPER_TITLES = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA")
 
 
+# Of those, the ones nothing waits on: Ray Data calls its helper actors without waiting for the answer, and
+# the monitors poll. They run under SCHED_IDLE, only when a core has nothing else to do: a Python Ray worker
+# wakes every 10 ms to check for signals, and a waking nice-19 thread may still preempt an engine thread
+# that the engine's other threads then wait for. GCS, the runtime-env agent (a starting actor waits for it)
+# and this driver only yield.
+_RAY_IDLE_POLICY = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA", "log_monitor.py", "monitor.py")
+
+
 def _bookkeeping(proc, argv: list[str]) -> bool:
     if proc.name() == "raylet":
         return False
     # The program itself, not its arguments: the raylet names the agents' scripts among its flags.
     program = " ".join(argv[:3])
     return any(d in program for d in _RAY_DAEMONS) or bool(argv and argv[0].startswith(_RAY_HELPER_TITLES))
+
+
+def _waited_on_by_none(argv: list[str]) -> bool:
+    program = " ".join(argv[:3])
+    return argv[0].startswith(_RAY_IDLE_POLICY) or any(d in program for d in _RAY_IDLE_POLICY[3:])
 
 
 def yield_to_workers(niceness: int = 19) -> list[int]:
@@ -94,9 +133,12 @@ def yield_to_workers(niceness: int = 19) -> list[int]:
             _SEEN.add((proc.pid, title[0]))
             if proc.pid != me.pid and not _bookkeeping(proc, title):
                 continue
-            for tid in [t.id for t in proc.threads()]:  # niceness is per thread on Linux
+            idle = proc.pid != me.pid and _waited_on_by_none(title)
+            for tid in [t.id for t in proc.threads()]:  # niceness and policy are per thread on Linux
                 if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
                     os.setpriority(os.PRIO_PROCESS, tid, niceness)
+                if idle and os.sched_getscheduler(tid) != os.SCHED_IDLE:
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             changed.append(proc.pid)
         except (psutil.Error, OSError):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,8 +22,10 @@ pooled = start("ray::IDLE")
 time.sleep(0.5)
 first = yield_to_workers()
 nice = lambda p: os.getpriority(os.PRIO_PROCESS, p.pid)
+idle = lambda pid: os.sched_getscheduler(pid) == os.SCHED_IDLE
 seen = {"helpers": [nice(p) for p in helpers], "engine": nice(engine), "idle": nice(pooled),
-        "driver": os.getpriority(os.PRIO_PROCESS, 0), "again": yield_to_workers()}
+        "driver": os.getpriority(os.PRIO_PROCESS, 0), "again": yield_to_workers(),
+        "sched_idle": [idle(p.pid) for p in [*helpers, engine, pooled]] + [idle(0)]}
 pooled.kill(); pooled.wait()
 late = start("ray::_AutoscalingCoordinatorActor")  # a helper actor that starts once the dataset runs
 time.sleep(0.5)
@@ -43,3 +46,15 @@ def test_bookkeeping_yields_to_the_engine_and_late_helpers_are_found():
     assert seen["engine"] == 0 and seen["idle"] == 0
     assert seen["again"] == []  # each process is looked at once per title
     assert seen["late_changed"] and seen["late"] == 19
+    # Helpers nothing waits on run only when a core is free; the engine, pooled workers and driver do not.
+    assert seen["sched_idle"] == [True, True, True, False, False, False]
+
+
+def test_the_quiet_cluster_settings_reach_the_daemons_only(monkeypatch):
+    from pipelines.runner import QUIET_CLUSTER_ENV, _daemon_env
+
+    monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "1234")  # the user's own setting wins
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    with _daemon_env(QUIET_CLUSTER_ENV):
+        assert os.environ["RAY_worker_niceness"] == "0" and os.environ["REPORTER_UPDATE_INTERVAL_MS"] == "1234"
+    assert "RAY_worker_niceness" not in os.environ and os.environ["REPORTER_UPDATE_INTERVAL_MS"] == "1234"
