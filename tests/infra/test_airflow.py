@@ -90,7 +90,8 @@ def test_submit_task_runs_a_night_on_the_ray_head_and_a_retry_finds_it(airflow_h
     buf = io.BytesIO()
     pq.write_table(table, buf)
     client.put_object(Bucket=BUCKET, Key=f"tickets/{NIGHT}/part-0.parquet", Body=buf.getvalue())
-    overrides = {"ticket_triage": [f"input.path=s3://{BUCKET}/tickets/{{date}}/", f"output.path=s3://{BUCKET}/out/"]}
+    overrides = {"ticket_triage": [f"input.path=s3://{BUCKET}/tickets/{{date}}/", f"output.path=s3://{BUCKET}/out/",
+                                  "sampling.max_tokens=8"]}
     env = airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_RAY_ADDRESS=ray_head["address"],
                       AIRFLOW_VAR_TOKENMILL_OVERRIDES=json.dumps(overrides))
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the cluster holds them; Airflow needs none
