@@ -95,12 +95,12 @@ _RAY_DAEMONS = ("gcs_server", "dashboard/agent.py", "runtime_env/agent/main.py",
 _RAY_HELPER_TITLES = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA")
 
 
-# Of those, the ones nothing waits on: Ray Data calls its helper actors without waiting for the answer, and
-# the monitors poll. They run under SCHED_IDLE, only when a core has nothing else to do: a Python Ray worker
-# wakes every 10 ms to check for signals, and a waking nice-19 thread may still preempt an engine thread
-# that the engine's other threads then wait for. GCS, the runtime-env agent (a starting actor waits for it)
-# and this driver only yield.
-_RAY_IDLE_POLICY = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA", "log_monitor.py", "monitor.py")
+# Of those, the ones nothing waits on: Ray Data calls its helper actors (and workers their dashboard agent)
+# without waiting for the answer, and the monitors poll. They run under SCHED_IDLE, only when a core has
+# nothing else to do: a Python Ray worker wakes every 10 ms to check for signals, and a waking nice-19 thread
+# may still preempt an engine thread that the engine's other threads then wait for. GCS, the runtime-env
+# agent (a starting actor waits for it) and this driver only yield.
+_RAY_POLLERS = ("log_monitor.py", "monitor.py")
 
 
 def _bookkeeping(proc, argv: list[str]) -> bool:
@@ -113,7 +113,7 @@ def _bookkeeping(proc, argv: list[str]) -> bool:
 
 def _waited_on_by_none(argv: list[str]) -> bool:
     program = " ".join(argv[:3])
-    return argv[0].startswith(_RAY_IDLE_POLICY) or any(d in program for d in _RAY_IDLE_POLICY[3:])
+    return argv[0].startswith(_RAY_HELPER_TITLES) or any(d in program for d in _RAY_POLLERS)
 
 
 def yield_to_workers(niceness: int = 19) -> list[int]:
