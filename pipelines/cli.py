@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "the ratios' medians are reported")
     bench.add_argument("--sides", default=",".join(("raw", "pipeline", "ray_data_llm", "transformers")),
                        help="comma-separated, from raw, pipeline, ray_data_llm, transformers; every ratio "
-                                            "needs raw or the pipeline among them")
+                            "needs raw or the pipeline among them")
     bench.add_argument("--transformers-rows", type=int, default=256,
                        help="prompts for the transformers side (slow on CPU; its rate is what is compared)")
     bench.add_argument("--cache", action="store_true",

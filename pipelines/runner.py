@@ -91,29 +91,27 @@ def _daemon_env(values: dict[str, str]):
 # Ray's processes that do bookkeeping, not the job's work: its daemons, by program, and Ray Data's helper
 # actors, by process title. The raylet stays as it is (it forks the workers, which would inherit its
 # niceness), and so do the task workers that feed the engine.
-_RAY_DAEMONS = ("gcs_server", "dashboard/agent.py", "runtime_env/agent/main.py", "log_monitor.py", "monitor.py")
+_RAY_DAEMONS = ("gcs_server", "dashboard/agent.py", "runtime_env/agent/main.py")
 _RAY_HELPER_TITLES = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA")
 
 
-# Of those, the ones nothing waits on: Ray Data calls its helper actors (and workers their dashboard agent)
-# without waiting for the answer, and the monitors poll. They run under SCHED_IDLE, only when a core has
+# Bookkeeping nothing waits on: Ray Data's helper actors and the dashboard agent (called without waiting
+# for the answer), and Ray's log and autoscaler monitors, which only poll (by program). They run under SCHED_IDLE, only when a core has
 # nothing else to do: a Python Ray worker wakes every 10 ms to check for signals, and a waking nice-19 thread
 # may still preempt an engine thread that the engine's other threads then wait for. GCS, the runtime-env
 # agent (a starting actor waits for it) and this driver only yield.
 _RAY_POLLERS = ("log_monitor.py", "monitor.py")
 
 
-def _bookkeeping(proc, argv: list[str]) -> bool:
+def _bookkeeping(proc, argv: list[str]) -> str | None:
+    """"idle" for bookkeeping nothing waits on, "yield" for the rest of it, None for the job's processes."""
     if proc.name() == "raylet":
-        return False
+        return None
     # The program itself, not its arguments: the raylet names the agents' scripts among its flags.
     program = " ".join(argv[:3])
-    return any(d in program for d in _RAY_DAEMONS) or bool(argv and argv[0].startswith(_RAY_HELPER_TITLES))
-
-
-def _waited_on_by_none(argv: list[str]) -> bool:
-    program = " ".join(argv[:3])
-    return argv[0].startswith(_RAY_HELPER_TITLES) or any(d in program for d in _RAY_POLLERS)
+    if argv[0].startswith(_RAY_HELPER_TITLES) or any(d in program for d in _RAY_POLLERS):
+        return "idle"
+    return "yield" if any(d in program for d in _RAY_DAEMONS) else None
 
 
 def yield_to_workers(niceness: int = 19) -> list[int]:
@@ -131,9 +129,10 @@ def yield_to_workers(niceness: int = 19) -> list[int]:
             if not title or title[0] == "ray::IDLE" or (proc.pid, title[0]) in _SEEN:
                 continue
             _SEEN.add((proc.pid, title[0]))
-            if proc.pid != me.pid and not _bookkeeping(proc, title):
+            kind = "yield" if proc.pid == me.pid else _bookkeeping(proc, title)
+            if kind is None:
                 continue
-            idle = proc.pid != me.pid and _waited_on_by_none(title)
+            idle = kind == "idle"
             for tid in [t.id for t in proc.threads()]:  # niceness and policy are per thread on Linux
                 if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
                     os.setpriority(os.PRIO_PROCESS, tid, niceness)
