@@ -116,7 +116,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
     spec, engine = job.spec, job.engine
     batch_size = spec.batch_size or engine.engine_args.max_num_seqs
     cache = cache_settings(job, storage, adapter)
-    ds = read_dataset(plan, duplicates=duplicates)
+    ds = read_dataset(plan, rows_per_block=batch_size, duplicates=duplicates)
     ds = ds.map_batches(
         render_batch,
         fn_kwargs=prompt_kwargs(job, tokenizer_path=tokenizer_path, storage=storage),

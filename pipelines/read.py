@@ -307,13 +307,21 @@ def read_shard_rows(table: pa.Table, *, filesystem: pafs.FileSystem, schema: pa.
             )
 
 
-def read_dataset(plan: InputPlan, *, batch_rows: int = 1024, duplicates: dict[str, dict[int, str]] | None = None):
-    """The input as a lazy Ray dataset: one read task per shard, streaming its rows with their provenance."""
+def read_dataset(plan: InputPlan, *, rows_per_block: int, batch_rows: int = 1024,
+                 duplicates: dict[str, dict[int, str]] | None = None):
+    """The input as a lazy Ray dataset: one read task per shard, streaming its rows with their provenance
+    in blocks of at most `rows_per_block` rows (the engine's batch size).
+
+    Ray Data would otherwise merge a task's output into blocks of up to 128 MiB: a shard's rows would reach
+    the engine as one task, and nothing would be written until the engine had answered all of them, so a
+    crash would lose the whole shard's work and a large shard's answers would pile up in memory.
+    """
     import ray.data
 
     shards = [{"key": s.key, "path": s.path} for s in plan.shards]
     ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
     mine = {s.key for s in plan.shards}
-    return ds.map_batches(read_shard_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={
+    ds = ds.map_batches(read_shard_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={
         "filesystem": plan.filesystem, "schema": plan.schema, "batch_rows": batch_rows,
         "duplicates": {k: v for k, v in (duplicates or {}).items() if k in mine}})
+    return ds.repartition(target_num_rows_per_block=rows_per_block)

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.config import load_job
 from pipelines.errors import InputError
-from pipelines.read import find_duplicates, plan_input, read_shard_rows
+from pipelines.read import find_duplicates, plan_input, read_dataset, read_shard_rows
 from pipelines.storage import StorageOptions
 
 JOB = Path(__file__).resolve().parents[1] / "conf/jobs/ticket_triage.yaml"
@@ -27,6 +27,19 @@ def test_sample_input_is_planned_with_row_counts():
     p = plan(SAMPLES)
     assert len(p.shards) == 4 and p.num_rows == 300
     assert p.columns[0] == "ticket_id"
+
+
+def test_dataset_streams_each_shard_in_blocks_of_the_batch_size(ray_cluster):
+    """Blocks of one engine batch at most, each from one shard: the engine answers and the writer commits as
+    the run goes, instead of whole shards at once (see `read_dataset`)."""
+    p = plan(SAMPLES)
+    blocks = list(read_dataset(p, rows_per_block=16, batch_rows=64).iter_batches(batch_size=None,
+                                                                                  batch_format="pyarrow"))
+    assert sum(b.num_rows for b in blocks) == 300 and max(b.num_rows for b in blocks) == 16
+    assert all(len(set(b.column("_shard").to_pylist())) == 1 for b in blocks)
+    rows = pa.concat_tables(blocks)
+    assert sorted(zip(rows.column("_shard").to_pylist(), rows.column("_row").to_pylist())) == sorted(
+        (s.key, r) for s in p.shards for r in range(s.num_rows))
 
 
 def test_missing_path_is_named(tmp_path):
