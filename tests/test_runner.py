@@ -58,3 +58,23 @@ def test_the_quiet_cluster_settings_reach_the_daemons_only(monkeypatch):
     with _daemon_env(QUIET_CLUSTER_ENV):
         assert os.environ["RAY_worker_niceness"] == "0" and os.environ["REPORTER_UPDATE_INTERVAL_MS"] == "1234"
     assert "RAY_worker_niceness" not in os.environ and os.environ["REPORTER_UPDATE_INTERVAL_MS"] == "1234"
+
+
+def test_node_polls_are_slowed_and_wrapped_once(monkeypatch):
+    """On a self-started cluster the actor pool asks about draining nodes every 30 s, not every second."""
+    import time
+
+    from ray.data._internal.execution.operators import actor_pool_map_operator as pool
+    from ray.data._internal.utils.cache import timed_cache
+
+    from pipelines.runner import poll_nodes_seldom
+
+    calls = []
+    monkeypatch.setattr(pool, "get_actor_locations", pool.get_actor_locations)  # restored after the test
+    monkeypatch.setattr(pool, "get_draining_nodes", timed_cache(ttl=1)(lambda: calls.append(1) or {}))
+    poll_nodes_seldom()
+    slowed = pool.get_draining_nodes
+    poll_nodes_seldom()
+    assert pool.get_draining_nodes is slowed
+    assert slowed() == {} and (time.sleep(1.1) or slowed()) == {} and len(calls) == 1
+    assert pool.get_actor_locations.__wrapped__.__name__ == "get_actor_locations"
