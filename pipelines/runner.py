@@ -53,6 +53,7 @@ def ensure_ray() -> None:
         global _LOCAL_CLUSTER
         _LOCAL_CLUSTER = True
         yield_to_workers()
+        poll_nodes_seldom()
         # Ray Data starts its helper actors (stats, autoscaling coordinator, actor locations) when a dataset
         # runs, and they run at 0 until found: look for new ones every few seconds for as long as we live.
         threading.Thread(target=_keep_yielding, name="tokenmill-yield", daemon=True).start()
@@ -96,10 +97,10 @@ _RAY_HELPER_TITLES = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardA")
 
 
 # Bookkeeping nothing waits on: Ray Data's helper actors and the dashboard agent (called without waiting
-# for the answer), and Ray's log and autoscaler monitors, which only poll (by program). They run under SCHED_IDLE, only when a core has
-# nothing else to do: a Python Ray worker wakes every 10 ms to check for signals, and a waking nice-19 thread
-# may still preempt an engine thread that the engine's other threads then wait for. GCS, the runtime-env
-# agent (a starting actor waits for it) and this driver only yield.
+# for the answer), and Ray's log and autoscaler monitors, which only poll (by program). They run under
+# SCHED_IDLE, only when a core has nothing else to do: a Python Ray worker wakes every 10 ms to check for
+# signals, and a waking nice-19 thread may still preempt an engine thread that the engine's other threads
+# then wait for. GCS, the runtime-env agent (a starting actor waits for it) and this driver only yield.
 _RAY_POLLERS = ("log_monitor.py", "monitor.py")
 
 
@@ -168,13 +169,11 @@ def calm_scheduling(wait_s: float = 0.5) -> None:
 
     if isinstance(getattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None), (int, float)):
         state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = max(state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, wait_s)
-    if _LOCAL_CLUSTER:
-        poll_nodes_seldom()
 
 
 def poll_nodes_seldom(ttl_s: float = 30.0) -> None:
     """Let Ray Data's actor pool ask which nodes are draining, and where its actors live, every `ttl_s`
-    instead of every second; only on a cluster this process started, which is one node that never drains.
+    instead of every second; `ensure_ray` calls it only for a cluster it started: one node, which never drains.
 
     Each answer is a GCS query and a call to Ray Data's location-tracking actor, made by the scheduling loop
     once a second for as long as the run lasts: measured with py-spy, about 3% of the driver's busy samples,
@@ -186,8 +185,9 @@ def poll_nodes_seldom(ttl_s: float = 30.0) -> None:
     from ray.data._internal.utils.cache import timed_cache
 
     for name in ("get_draining_nodes", "get_actor_locations"):
-        inner = getattr(getattr(pool, name, None), "__wrapped__", None)
-        if callable(inner) and not getattr(getattr(pool, name), "_tokenmill_seldom", False):
+        current = getattr(pool, name, None)
+        inner = getattr(current, "__wrapped__", None)
+        if callable(inner) and not getattr(current, "_tokenmill_seldom", False):
             seldom = timed_cache(ttl=ttl_s)(inner)
             seldom._tokenmill_seldom = True
             setattr(pool, name, seldom)
