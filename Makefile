@@ -55,7 +55,9 @@ $(AIRFLOW_VENV)/.installed: infra/airflow/requirements.txt
 
 airflow: $(AIRFLOW_VENV)/.installed
 
+# The import contract (pyproject's [tool.importlinter]) first: a layer that imports upwards fails in a second.
 test: model browser airflow
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 bench: model

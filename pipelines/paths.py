@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 #: The repository's own `conf/` folder; used when a job spec does not sit in a conf tree.
-REPO_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_CONF_DIR = REPO_DIR / "conf"
 
 
 def tokenmill_home() -> Path:

@@ -112,3 +112,16 @@ def task_fields(task: str, classify=None, extract=None) -> list[pa.Field]:
         return [pa.field(name, json_schema_arrow_type(node, schema))
                 for name, node in schema["properties"].items()]
     return []
+
+
+# OpenAI batch requests, checked and staged as Parquet (`pipelines.io.openai_batch`): the input a run reads.
+STAGED_SCHEMA = pa.schema([
+    ("custom_id", pa.string()),
+    ("source", pa.string()),
+    ("line", pa.int64()),
+    ("messages", pa.string()),  # JSON: [{role, content}] with text content
+    ("request_params", pa.string()),  # JSON: sampling overrides and `structured` (response_format)
+    ("max_tokens", pa.int64()),
+    ("reject", pa.string()),  # "<code>: <message>" for a line that cannot be served
+])
+STAGED_COLUMNS = tuple(STAGED_SCHEMA.names)

@@ -14,6 +14,29 @@ from pathlib import Path
 
 import pytest
 
+
+# The account stage's and the run's cost tests share these: a price and a table of token counts
+# (prompt, cached, completion) whose costs they compute by hand.
+def _price():
+    import datetime as dt
+
+    from pipelines.config.prices import ModelPrice
+
+    return ModelPrice(input_per_1m=2.0, cached_input_per_1m=0.5, output_per_1m=8.0, source="test",
+                      taken=dt.date(2026, 11, 1))
+
+
+PRICE = _price()
+TABLE = [(1200, 0, 40), (1200, 1024, 40), (300, 256, 2), (80, 0, 500), (5000, 4096, 0)]
+
+
+def token_table(rows=TABLE):
+    import pyarrow as pa
+
+    p, c, o = zip(*rows)
+    return pa.table({"prompt_tokens": pa.array(p, pa.int64()), "cached_prompt_tokens": pa.array(c, pa.int64()),
+                     "completion_tokens": pa.array(o, pa.int64())})
+
 REPO = Path(__file__).resolve().parents[1]
 S3_KEY, S3_SECRET = "tokenmill-test-key", "tokenmill-test-secret-do-not-print"
 
@@ -202,6 +225,6 @@ def jobs_api(address: str):
     """The Jobs API client, with the cluster's token (Ray clusters require one by default)."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines.submit import auth_headers
+    from pipelines.run.submit import auth_headers
 
     return JobSubmissionClient(address, headers=auth_headers())

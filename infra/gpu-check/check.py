@@ -72,7 +72,7 @@ def product_photos(out: Path, n: int = 64) -> None:
 
 def run_job(conf: Path, job: Path, run_id: str, *overrides: str, all_ok: bool = True) -> dict:
     from pipelines.config import load_job
-    from pipelines.runner import run_job as run
+    from pipelines.run.runner import run_job as run
 
     summary = run(load_job(job, overrides=list(overrides), conf_dir=conf), run_id=run_id, progress=False)
     if summary["records_out"] != summary["records_in"]:

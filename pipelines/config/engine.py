@@ -29,7 +29,11 @@ class EngineArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: str = Field("auto", description="Weight and activation dtype (`bfloat16`, `float16`, `auto`).")
+    dtype: str = Field(
+        "auto", description="Weight and activation dtype (`bfloat16`, `float16`, `float32`, `auto`). On a `cpu` "
+        "profile `auto` is decided when the engine starts, from that node's CPU flags: `bfloat16` where the CPU "
+        "has native bf16 (`avx512_bf16`, `amx_bf16`, or Arm's `bf16`), else `float32`, which is several times "
+        "faster there; the run summary's `engine_dtype` says which. On GPU, `auto` is vLLM's own choice.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
     quantization: str | None = Field(None, description="Weight quantization (`fp8`, ...); none means as stored.")

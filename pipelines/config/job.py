@@ -7,10 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.config.storage import StorageOptions
 from pipelines.config.task import ClassifySpec, ExtractSpec
-from pipelines.schema import RESERVED_NAMES
-from pipelines.storage import StorageOptions
-
+from pipelines.schema import RESERVED_NAMES, STAGED_COLUMNS
 
 OPENAI_ID = "custom_id"
 
@@ -182,7 +181,7 @@ class CostSpec(BaseModel):
 
 
 class CacheSpec(BaseModel):
-    """The response cache: answers kept across runs, keyed by what decides them (`pipelines.cache`)."""
+    """The response cache: answers kept across runs, keyed by what decides them (`pipelines.io.response_cache`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -269,8 +268,6 @@ class JobSpec(BaseModel):
     def read_columns(self) -> list[str]:
         """Every input column the job needs, the id first."""
         if self.input.format == "openai_batch":
-            from pipelines.openai_batch import STAGED_COLUMNS
-
             return list(STAGED_COLUMNS)
         wanted = self.input.columns or [*self.prompt_columns, *self.carried_columns]
         return [self.id_column, *[c for c in dict.fromkeys(wanted) if c != self.id_column]]

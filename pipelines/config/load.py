@@ -101,13 +101,15 @@ def format_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_engine(name: str, conf_dir: Path) -> EngineProfile:
-    """The engine profile `name` (a name in `conf_dir/engines/`, or a path to a YAML file)."""
+def load_engine(name: str, conf_dir: Path, overrides: Sequence[str] = ()) -> EngineProfile:
+    """The engine profile `name` (a name in `conf_dir/engines/`, or a path to a YAML file), with `key.path=value`
+    overrides (`--engine-set engine_args.dtype=float32`) applied before validation."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else conf_dir / "engines" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (conf_dir / "engines").glob("*.yaml"))
         raise ConfigError(f"engine profile {name!r} not found at {path}; known profiles: {', '.join(known) or 'none'}")
-    profile = validate(EngineProfile, read_yaml(path, "engine profile"), path)
+    data = apply_overrides(read_yaml(path, "engine profile"), overrides, path)
+    profile = validate(EngineProfile, data, path)
     if path.parent == conf_dir / "engines" and profile.name != path.stem:
         raise ConfigError(f"{path}: name: is {profile.name!r} but the file is named {path.stem!r}")
     return profile
@@ -134,13 +136,15 @@ def apply_partition(data: dict[str, Any], partition: str | None, source: Path) -
 
 
 def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str | Path | None = None,
-             partition: str | None = None) -> Job:
+             partition: str | None = None, engine_overrides: Sequence[str] = ()) -> Job:
     """Read, override and validate a job spec and everything it names.
 
     Args:
         path: The job spec, e.g. `conf/jobs/ticket_triage.yaml`.
         overrides: `key.path=value` strings applied before validation
             (see `pipelines.config.job.JobSpec` for the keys).
+        engine_overrides: The same for the engine profile the spec names
+            (see `pipelines.config.engine.EngineProfile`).
         conf_dir: Folder holding `engines/` and `prices.yaml`; see
             `pipelines.paths.conf_dir_for` for the default.
         partition: The night the run is for (`YYYY-MM-DD`): replaces `{date}`
@@ -157,7 +161,7 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
     data = apply_partition(apply_overrides(read_yaml(path, "job spec"), overrides, path), partition, path)
     spec = validate(JobSpec, data, path)
     conf = conf_dir_for(path, Path(conf_dir) if conf_dir else None)
-    engine = load_engine(spec.engine, conf)
+    engine = load_engine(spec.engine, conf, engine_overrides)
     book = load_price_book(conf)
     price = book.models.get(engine.display_model)
     if price is None:

@@ -17,7 +17,7 @@ END = "<!-- config-reference:end -->"
 
 def _type_name(annotation) -> str:
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
-    for noise in ("typing.", "pydantic.types.", "datetime.", "pipelines.storage.", "pipelines.config.job.",
+    for noise in ("typing.", "pydantic.types.", "datetime.", "pipelines.config.storage.", "pipelines.config.job.",
                   "pipelines.config.engine.", "pipelines.config.prices.", "pipelines.config.task."):
         text = text.replace(noise, "")
     return text.replace("NoneType", "None").replace("|", "\\|")

@@ -2,7 +2,7 @@
 
 `task: classify` and `task: extract` constrain decoding (vLLM structured
 outputs) and parse the output into typed result columns; see
-`pipelines.parse` and `pipelines.schema.task_fields`.
+`pipelines.stages.parse` and `pipelines.schema.task_fields`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+
 import pyarrow as pa
 
 PRODUCTS = ["Acme Router X2", "Acme Cloud Backup", "Acme Smart Thermostat", "Acme Mobile App", "Acme Pro Plan"]

@@ -36,7 +36,7 @@ def test_every_committed_job_and_engine_profile_validates():
     for path in jobs:
         job = load_job(path)
         assert job.engine.name == job.spec.engine
-    from pipelines.generate import vllm_engine_args
+    from pipelines.stages.generate import vllm_engine_args
 
     for path in sorted((CONF / "engines").glob("*.yaml")):
         profile = load_engine(path.stem, CONF)
@@ -141,7 +141,7 @@ def test_gpu_profile_must_ask_for_its_tensor_parallel_gpus(conf):
 
 
 def test_unknown_vllm_engine_arg_is_refused(conf):
-    from pipelines.generate import vllm_engine_args
+    from pipelines.stages.generate import vllm_engine_args
 
     edit(conf / "engines/cpu-smollm2.yaml", lambda d: d["engine_args"].update(extra_args={"max_num_seqz": 3}))
     job = load_job(conf / "jobs/ticket_triage.yaml")
@@ -150,7 +150,7 @@ def test_unknown_vllm_engine_arg_is_refused(conf):
 
 
 def test_engine_arg_values_are_checked_by_vllm(conf):
-    from pipelines.generate import vllm_engine_args
+    from pipelines.stages.generate import vllm_engine_args
 
     edit(conf / "engines/llama4-scout-h100.yaml", lambda d: d["engine_args"].update(kv_cache_dtype="fp7"))
     job = load_job(conf / "jobs/ticket_triage.yaml", overrides=["engine=llama4-scout-h100"])
@@ -159,7 +159,7 @@ def test_engine_arg_values_are_checked_by_vllm(conf):
 
 
 def test_production_profiles_build_vllm_engine_args():
-    from pipelines.generate import vllm_engine_args
+    from pipelines.stages.generate import vllm_engine_args
 
     scout = vllm_engine_args(load_engine("llama4-scout-h100", CONF), "scout")
     assert scout.model == "meta-llama/Llama-4-Scout-17B-16E-Instruct"
@@ -220,7 +220,7 @@ def test_classify_and_extract_specs_resolve(tmp_path):
 
 def test_a_missing_truth_column_is_named_before_any_engine_starts(tmp_path):
     from pipelines.errors import InputError
-    from pipelines.read import plan_input
+    from pipelines.stages.read import plan_input
 
     job = load_job(CONF / "jobs/review_sentiment.yaml", overrides=["classify.label_column=stars"])
     with pytest.raises(InputError, match=r"column 'stars' \(classify\.label_column\) is missing"):
@@ -228,7 +228,7 @@ def test_a_missing_truth_column_is_named_before_any_engine_starts(tmp_path):
 
 
 def test_date_fills_the_paths_and_names_the_run():
-    from pipelines.runner import default_run_id, spec_fingerprint
+    from pipelines.run.runner import default_run_id, spec_fingerprint
 
     job = load_job(CONF / "jobs/ticket_triage.yaml", partition="2026-11-27",
                    overrides=["input.path=s3://b/tickets/{date}/", "output.path=s3://b/out/{date}/"])

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import jobs_api
 
 REPO = Path(__file__).resolve().parents[2]

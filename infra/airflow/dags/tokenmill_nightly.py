@@ -3,7 +3,7 @@
 Each DAG runs once a night for the interval that just ended and passes that
 interval's start (`data_interval_start`, as YYYY-MM-DD) as the partition: it
 becomes `--date`, fills `{date}` in the job's input and output paths, and is part
-of the submission id. The task submits through `pipelines.submit`, the same code
+of the submission id. The task submits through `pipelines.run.submit`, the same code
 as `tokenmill submit`, and waits for the job by polling it, following its logs.
 A retry of the task finds the night's submission by its id: it re-attaches to a
 running one, does nothing after a succeeded one, and only after a failed one
@@ -49,7 +49,7 @@ def submit_night(job: str, partition: str) -> str:
     """Submit (or find, or re-attach to) `job` for `partition` and wait; fail the task unless it succeeded."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from pipelines.submit import submit
+    from pipelines.run.submit import submit
 
     overrides = json.loads(Variable.get("tokenmill_overrides", default="{}") or "{}").get(job, [])
     done = submit(address=Variable.get("tokenmill_ray_address"), job=job, partition=partition,

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.cli.app import main
+
+sys.exit(main())

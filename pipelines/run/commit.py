@@ -1,0 +1,160 @@
+"""Commit: a shard's files become part of a run only through its manifest, written last by the driver.
+
+Layout under `<output.path>/<run_id>/`:
+
+    _run.json                 what the run is (job, spec fingerprint); written first
+    results/<shard>/*.parquet rows the engine generated
+    rejects/<shard>/*.parquet rows it never generated, with the reason
+    _manifests/<shard>.json   the shard's files and counts: `committed` or `quarantined`
+    summary.json, _SUCCESS    written last, when every shard has a manifest
+
+Readers trust only files a manifest lists. A manifest is one small object
+written in one request (object stores make it visible whole or not at all;
+on a local disk it is renamed into place), so a run killed at any moment leaves
+either a shard's manifest or no manifest; resuming redoes the shards without
+one, after removing what they had half written. The driver holds one entry per
+shard, never per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.io.storage import join, read_json, write_json_atomic
+from pipelines.stages.read import InputPlan
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "_run.json"
+MANIFESTS = "_manifests"
+SUCCESS = "_SUCCESS"
+
+
+def read_manifests(fs, run_root: str) -> dict[str, dict[str, Any]]:
+    """The run's manifests by shard key."""
+    folder = join(run_root, MANIFESTS)
+    if not fs.exists(folder):
+        return {}
+    out = {}
+    for path in fs.ls(folder, detail=False):
+        if path.endswith(".json"):
+            manifest = read_json(fs, path)
+            out[manifest["shard"]] = manifest
+    return out
+
+
+def committed_results(manifests: dict[str, dict]) -> list[str]:
+    """The results files of the committed shards."""
+    return sorted(f for m in manifests.values() if m["state"] == "committed" for f in m["results"])
+
+
+def remove_uncommitted(fs, run_root: str, committed: dict[str, dict[str, Any]]) -> int:
+    """Delete files no manifest lists (an interrupted attempt's, or a retried task's); return how many."""
+    listed = {f for m in committed.values() for f in (*m.get("results", []), *m.get("rejects", []))}
+    removed = 0
+    for sub in ("results", "rejects"):
+        folder = join(run_root, sub)
+        if not fs.exists(folder):
+            continue
+        for path in fs.find(folder):
+            if path.endswith(".parquet") and path not in listed and _plain(path) not in listed:
+                fs.rm(path)
+                removed += 1
+    return removed
+
+
+def _plain(path: str) -> str:
+    return path.split("://", 1)[-1]
+
+
+@dataclasses.dataclass
+class ShardProgress:
+    key: str
+    uri: str
+    expected: int
+    results: list[str] = dataclasses.field(default_factory=list)
+    rejects: list[str] = dataclasses.field(default_factory=list)
+    results_rows: int = 0
+    rejects_rows: int = 0
+    failed_rows: int = 0
+    quarantine: str | None = None
+
+    @property
+    def seen(self) -> int:
+        return self.results_rows + self.rejects_rows
+
+
+class Committer:
+    """Tracks what the write stage reports, shard by shard, and commits each shard when all its rows are written."""
+
+    def __init__(self, fs, run_root: str, plan: InputPlan, *, rejects: pa.Schema, run_id: str):
+        self.fs, self.run_root, self.rejects, self.run_id = fs, run_root, rejects, run_id
+        self.progress = {s.key: ShardProgress(s.key, s.uri, s.num_rows) for s in plan.shards}
+        self.committed: list[str] = []
+
+    def _manifest(self, p: ShardProgress, state: str) -> dict[str, Any]:
+        return {"shard": p.key, "path": p.uri, "state": state, "rows": p.expected, "results": sorted(p.results),
+                "rejects": sorted(p.rejects), "results_rows": p.results_rows, "rejects_rows": p.rejects_rows,
+                "failed_rows": p.failed_rows, "reason": p.quarantine}
+
+    def _write(self, manifest: dict[str, Any]) -> bool:
+        """Commit a shard; False (and this attempt's files for it deleted) when another attempt did first."""
+        path = join(self.run_root, MANIFESTS, f"{manifest['shard']}.json")
+        if write_json_atomic(self.fs, path, manifest, exclusive=True):
+            return True
+        log.warning("shard %s was committed by another attempt of this run; dropping this attempt's files",
+                    manifest["path"])
+        for f in (*manifest["results"], *manifest["rejects"]):
+            if self.fs.exists(f):
+                self.fs.rm(f)
+        return False
+
+    def record(self, written: dict[str, Any]) -> ShardProgress:
+        """One row of the write stage's report (`pipelines.stages.write.WRITTEN`); commits the shard when complete."""
+        p = self.progress[written["shard"]]
+        if written["results_file"]:
+            p.results.append(written["results_file"])
+        if written["rejects_file"]:
+            p.rejects.append(written["rejects_file"])
+        p.results_rows += written["results_rows"]
+        p.rejects_rows += written["rejects_rows"]
+        p.failed_rows += written["failed_rows"]
+        if written["quarantine"] and not p.quarantine:
+            p.quarantine = written["quarantine"]
+            log.warning("shard %s quarantined: %s", p.uri, p.quarantine)
+        if p.seen == p.expected and not p.quarantine and p.key not in self.committed:
+            self._write(self._manifest(p, "committed"))
+            self.committed.append(p.key)
+        return p
+
+    def quarantine(self, key: str, uri: str, reason: str, rows: int | None) -> None:
+        """Set a whole shard aside: one reject row (`row` null) says which and why; none of its rows count."""
+        code, _, message = reason.partition(": ")
+        row = {name: None for name in self.rejects.names}
+        row.update(shard=uri, row=None, reason=code, message=message or code, run_id=self.run_id)
+        path = join(self.run_root, "rejects", key, "quarantine.parquet")
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist([row], schema=self.rejects), f)
+        self._write({"shard": key, "path": uri, "state": "quarantined", "rows": rows, "results": [],
+                     "rejects": [path], "results_rows": 0, "rejects_rows": 0, "failed_rows": 0, "reason": reason})
+
+    def quarantine_unread(self, plan: InputPlan) -> None:
+        """Shards set aside before reading (unreadable footer, drifted schema)."""
+        for q in plan.quarantined:
+            self.quarantine(q.key, q.uri, q.reason, None)
+
+    def finish(self) -> list[ShardProgress]:
+        """Quarantine shards that failed while being read (their partial rows are dropped); return the incomplete."""
+        incomplete = []
+        for p in self.progress.values():
+            if p.quarantine:
+                self.quarantine(p.key, p.uri, p.quarantine, p.expected)
+            elif p.key not in self.committed:
+                incomplete.append(p)
+        return incomplete

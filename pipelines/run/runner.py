@@ -1,0 +1,194 @@
+"""Running a job: check everything, run the pipeline on Ray, commit shard by shard, resume what is left."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from pipelines.config.load import Job, job_snapshot
+from pipelines.config.storage import StorageOptions
+from pipelines.errors import ConfigError, EngineError, RunAborted
+from pipelines.io.openai_batch import request_files, stage_requests, write_batch_files
+from pipelines.io.storage import filesystem_for, join, read_json, write_json_atomic
+from pipelines.models import resolve_engine_paths
+from pipelines.models.adapters import Adapter, check_adapter
+from pipelines.run.cluster import ensure_ray
+from pipelines.run.commit import RUN_FILE, SUCCESS, Committer, committed_results, read_manifests, remove_uncommitted
+from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
+from pipelines.run.ledger import EngineStats, read_ledger, stop_attempt
+from pipelines.run.progress import Progress
+from pipelines.run.report import SUMMARY_FILE, write_report
+from pipelines.run.summary import summarize
+from pipelines.stages.generate import vllm_engine_args
+from pipelines.stages.processor import build_dataset, rejects_schema
+from pipelines.stages.read import InputPlan, find_duplicates, plan_input
+
+log = logging.getLogger(__name__)
+
+STAGED_DIR = "input"  # OpenAI batch requests, checked and staged as Parquet
+
+
+def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan | list[str]]:
+    """Every check that needs no engine: engine arguments, the LoRA adapter, the input's shards and columns.
+
+    For OpenAI batch input the third item is the request files (their lines are
+    checked when the run stages them); otherwise the checked Parquet input.
+    """
+    storage = job.spec.storage.resolved()
+    vllm_engine_args(job.engine, f"engine profile {job.engine.name}")
+    adapter = check_adapter(job.spec.lora, storage) if job.spec.lora else None
+    if job.spec.input.format == "openai_batch":
+        return storage, adapter, request_files(job.spec.input.path, storage)[1]
+    return storage, adapter, plan_input(job.spec, storage)
+
+
+def spec_fingerprint(job: Job) -> str:
+    """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
+    spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
+                                                        "failures": True, "storage": True, "description": True})
+    payload = {"spec": spec, "engine": job.engine.model_dump(mode="json", exclude={"description"})}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def default_run_id(job: Job, fingerprint: str) -> str:
+    """`<job>-<partition>-<fingerprint>`: a scheduler's retry of the same job on the same input
+    lands on the same run and resumes it; a changed spec or input makes a new run. The partition is
+    `--date` where given, else the input folder's name."""
+    leaf = job.partition or job.spec.input.path.rstrip("/").rsplit("/", 1)[-1] or "input"
+    leaf = re.sub(r"[^A-Za-z0-9_.=-]+", "-", leaf).strip("-")[:40] or "input"
+    return f"{job.spec.name}-{leaf}-{fingerprint[:10]}"
+
+
+def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, resume: bool) -> dict | None:
+    """Start the run's record, or check an existing one may be resumed; the finished run's summary if any."""
+    state = read_json(out_fs, join(run_root, RUN_FILE))
+    where = join(job.spec.output.path, run_id)
+    if state is None:
+        if out_fs.exists(run_root) and out_fs.ls(run_root):
+            raise ConfigError(f"output.path: {where} exists but is not a tokenmill run; choose another --run-id")
+        created = write_json_atomic(out_fs, join(run_root, RUN_FILE), {
+            "run_id": run_id, "job": job.spec.name, "fingerprint": fingerprint,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "snapshot": job_snapshot(job)},
+            exclusive=True)
+        if created:
+            return None
+        state = read_json(out_fs, join(run_root, RUN_FILE))  # another attempt started it a moment ago
+    if state["fingerprint"] != fingerprint:
+        raise ConfigError(f"run {run_id!r} at {where} was started from another spec or engine profile; "
+                          "resuming would mix results: choose another --run-id")
+    if not resume:
+        raise ConfigError(f"run {run_id!r} already exists at {where}; resume it (the default) or choose another "
+                          "--run-id")
+    if out_fs.exists(join(run_root, SUCCESS)):
+        log.info("run %s already finished; nothing to do", run_id)
+        return read_json(out_fs, join(run_root, SUMMARY_FILE))
+    return None
+
+
+def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Run a job end to end, or resume it; return its summary (also written as `summary.json`).
+
+    Args:
+        job: A validated job (`pipelines.config.load_job`).
+        run_id: The run's id; default `default_run_id`. Everything goes under
+            `<output.path>/<run_id>/` (see `pipelines.run.commit` for the layout).
+        progress: Show Ray Data's progress bars.
+        resume: Go on with an existing run of this id (shards it committed are
+            skipped, the others redone); False refuses an existing run.
+    """
+    spec = job.spec
+    fingerprint = spec_fingerprint(job)
+    run_id = run_id or default_run_id(job, fingerprint)
+    storage, adapter, plan = preflight(job)
+    out_fs, out_root = filesystem_for(spec.output.path, storage)
+    run_root = join(out_root, run_id)
+    finished = _open_run(job, out_fs, run_root, run_id, fingerprint, resume)
+    if finished is not None:
+        return {**finished, "resumed": True, "shards_redone": 0}
+    if spec.input.format == "openai_batch":
+        stage_requests(spec, storage, out_fs, join(run_root, STAGED_DIR))  # deterministic: safe to redo
+        plan = plan_input(spec, storage, uri=join(spec.output.path, run_id, STAGED_DIR))
+
+    manifests = read_manifests(out_fs, run_root)
+    resumed = bool(manifests)
+    removed = remove_uncommitted(out_fs, run_root, manifests)
+    todo = plan.without(set(manifests))
+    if resumed:
+        log.info("run %s: resuming: %d shards committed, %d to do, %d stale files removed",
+                 run_id, len(manifests), len(todo.shards), removed)
+    committer = Committer(out_fs, run_root, todo, rejects=rejects_schema(job, plan), run_id=run_id)
+    committer.quarantine_unread(todo)
+    duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
+                  if spec.input.format == "parquet" and todo.shards else {})
+
+    started_at = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    aborted = None
+    if todo.shards:
+        _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
+        ensure_ray()
+        import ray
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = progress
+        attempt = uuid.uuid4().hex[:8]
+        processed = failed = 0
+        meter = Progress(job, run_id, out_fs, run_root, total=sum(s.num_rows for s in todo.shards))
+        try:
+            ds = build_dataset(job, todo, run_id=run_id, run_root=run_root, out_fs=out_fs,
+                               tokenizer_path=tokenizer_path, storage=storage, adapter=adapter,
+                               attempt=attempt, duplicates=duplicates)
+            for n, written in enumerate(ds.iter_rows()):
+                committer.record(written)
+                meter.add(written)
+                processed += written["results_rows"] + written["rejects_rows"]
+                failed += written["failed_rows"] + written["rejects_rows"]
+                limit = spec.failures
+                if processed >= limit.min_records and failed > limit.max_share * processed:
+                    aborted = (f"run {run_id} stopped: {failed} of the {processed} records processed so far failed "
+                               f"({failed / processed:.0%}, more than failures.max_share {limit.max_share:.0%}); "
+                               f"{len(committer.committed)} shards committed stay valid; see the rejects, fix the "
+                               "cause and run again to resume")
+                    break
+        except ray.exceptions.RayError as exc:
+            raise EngineError(f"run {run_id} failed: {exc}; committed shards stay valid, run again to resume") \
+                from exc
+        finally:
+            stop_attempt(out_fs, run_root, attempt)  # the pool is shut down with the dataset: billing ends
+        meter.done()
+    wall = time.perf_counter() - t0
+    incomplete = committer.finish()
+    if aborted:
+        raise RunAborted(aborted)
+    if incomplete:
+        raise EngineError(f"run {run_id}: {len(incomplete)} shards were not fully written "
+                          f"({', '.join(p.uri for p in incomplete[:3])}); run again to resume")
+
+    manifests = read_manifests(out_fs, run_root)
+    remove_uncommitted(out_fs, run_root, manifests)  # files of retried tasks and quarantined shards
+    engine = EngineStats.from_ledger(read_ledger(out_fs, run_root))
+    if spec.cost.mode == "accelerator_time":
+        bill = accelerator_bill(engine, job.accelerator_price, job.engine.billed_units)
+        attribute_accelerator_cost(out_fs, committed_results(manifests), compute_usd=bill["compute_usd"],
+                                   overhead_usd=bill["overhead_usd"], compression=spec.output.parquet_compression)
+    summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,
+                        started_at=started_at, resumed=resumed, shards_redone=len(todo.shards))
+    if spec.output.format == "openai_batch":
+        batch = write_batch_files(summary["output"]["results"], summary["output"]["rejects"], out_fs, run_root,
+                                  id_column=spec.id_column, run_id=run_id, created=int(started_at.timestamp()))
+        summary["output"].update(
+            output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
+            error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"])
+    write_report(out_fs, run_root, summary, storage)
+    write_json_atomic(out_fs, join(run_root, SUCCESS), {
+        "run_id": run_id, "results": summary["output"]["results"], "rejects": summary["output"]["rejects"],
+        **{k: summary[k] for k in ("records_in", "records_out", "records_rejected", "prompt_tokens",
+                                   "completion_tokens", "cost_usd", "started_at", "finished_at", "wall_s",
+                                   "resumed", "shards_redone")}})
+    return summary

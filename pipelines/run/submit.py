@@ -1,0 +1,175 @@
+"""`tokenmill submit`: a job for one partition (a night) to a Ray cluster's Jobs API, exactly once.
+
+The submission id is derived from the job and the partition, so a second
+submission of the same night finds the first: if it succeeded nothing is
+submitted, if it is still running the caller re-attaches to it and waits. Only
+after a failed or stopped attempt is a new one submitted (`-retry<N>`), and that
+attempt's run resumes the failed one's committed shards (`pipelines.run.runner`).
+
+This module needs only Ray's job client and the standard library, so a
+scheduler's environment (Airflow's, `infra/airflow/`) can import it without the
+rest of tokenmill.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.paths import REPO_DIR
+
+REPO = REPO_DIR
+DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Environment variables that look like credentials: never sent as runtime_env values, which Ray logs and shows.
+SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY)", re.I)
+
+
+class SubmitError(Exception):
+    """A submission that cannot be made; the message says why."""
+
+
+@dataclass
+class Submission:
+    submission_id: str
+    status: str
+    submitted: bool  # False: an earlier submission of this night was found and followed instead
+
+
+def check_partition(partition: str) -> str:
+    try:
+        dt.date.fromisoformat(partition)
+    except ValueError:
+        raise SubmitError(f"--date {partition!r}: expected a date as YYYY-MM-DD") from None
+    return partition
+
+
+def submission_id(job: str, partition: str, attempt: int = 1) -> str:
+    """`tokenmill-<job>-<partition>`, then `-retry2`, `-retry3`... for attempts after a failed one."""
+    base = f"tokenmill-{job}-{partition}"
+    return base if attempt == 1 else f"{base}-retry{attempt}"
+
+
+def _status(status) -> str:
+    return str(getattr(status, "value", status))
+
+
+def _attempt_of(sid: str, base: str) -> int | None:
+    if sid == base:
+        return 1
+    m = re.fullmatch(re.escape(base) + r"-retry(\d+)", sid)
+    return int(m.group(1)) if m else None
+
+
+def entrypoint(job: str, partition: str, args: list[str]) -> str:
+    """`python -m jobs.<job> --date <partition> ...`; jobs without an entry module go through `pipelines.cli`."""
+    module = (["-m", f"jobs.{job}"] if (REPO / "jobs" / f"{job}.py").is_file()
+              else ["-m", "pipelines.cli", "run", f"conf/jobs/{job}.yaml"])
+    return shlex.join(["python", *module, "--date", partition, *args])
+
+
+def check_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """Refuse credentials in `env_vars`: Ray records a job's runtime_env in its logs and dashboard."""
+    bad = sorted(k for k in (runtime_env.get("env_vars") or {}) if SECRET_NAME.search(k))
+    if bad:
+        raise SubmitError(f"runtime_env.env_vars: {', '.join(bad)} look like credentials; Ray logs runtime_env "
+                          "values, so give credentials to the cluster's nodes instead (a Kubernetes secret as "
+                          "environment variables, an instance role); see the README")
+    return runtime_env
+
+
+def submit(*, address: str, job: str, partition: str, args: list[str] | None = None,
+           runtime_env: dict[str, Any] | None = None, wait: bool = True, poll_s: float = 5.0,
+           timeout_s: float | None = None, echo: Callable[[str], None] = print) -> Submission:
+    """Submit `job` for `partition` unless this night already has a submission; wait for the end if asked.
+
+    Args:
+        address: The cluster's Jobs API, e.g. `http://ray-head:8265`.
+        job: The job's name (`conf/jobs/<job>.yaml`).
+        partition: The night, `YYYY-MM-DD`: passed as `--date`, and part of the submission id.
+        args: More arguments for the entry point (`--set key=value`, ...).
+        runtime_env: Ray's runtime_env (working_dir, excludes, non-secret env_vars).
+        wait: Follow the job's logs (through `echo`) until it ends.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    check_partition(partition)
+    client = JobSubmissionClient(address, headers=auth_headers())
+    base = submission_id(job, partition)
+    attempts = sorted((a, j) for j in client.list_jobs() if j.submission_id
+                      and (a := _attempt_of(j.submission_id, base)) is not None)
+    latest = attempts[-1][1] if attempts else None
+    if latest is not None and _status(latest.status) in ("SUCCEEDED", "PENDING", "RUNNING"):
+        status = _status(latest.status)
+        echo(f"tokenmill submit: {latest.submission_id} is {status}: "
+             + ("this night already ran; nothing submitted" if status == "SUCCEEDED" else "following it"))
+        sid, submitted = latest.submission_id, False
+        if status == "SUCCEEDED":
+            return Submission(sid, status, submitted)
+    else:
+        attempt = attempts[-1][0] + 1 if attempts else 1
+        sid = submission_id(job, partition, attempt)
+        env = check_runtime_env(dict(runtime_env or {}))
+        _submit_job(client, entrypoint=entrypoint(job, partition, list(args or [])), submission_id=sid,
+                    runtime_env=env or None, metadata={"tokenmill_job": job, "partition": partition})
+        echo(f"tokenmill submit: submitted {sid}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        submitted = True
+    if not wait:
+        return Submission(sid, _status(client.get_job_status(sid)), submitted)
+    status = follow(client, sid, poll_s=poll_s, timeout_s=timeout_s, echo=echo)
+    echo(f"tokenmill submit: {sid} ended {status}")
+    return Submission(sid, status, submitted)
+
+
+def _submit_job(client, *, patience_s: float = 120.0, **kwargs) -> None:
+    """`submit_job`, waiting out a head that is up but whose job agent is not yet (a cluster just started)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            client.submit_job(**kwargs)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def follow(client, sid: str, *, poll_s: float, timeout_s: float | None, echo: Callable[[str], None]) -> str:
+    """Print the job's new log lines until it ends; its final status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    shown = 0
+    while True:
+        status = _status(client.get_job_status(sid))
+        logs = client.get_job_logs(sid)
+        if len(logs) > shown:
+            echo(logs[shown:].rstrip("\n"))
+            shown = len(logs)
+        if status in DONE:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise SubmitError(f"{sid} still {status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def auth_headers() -> dict[str, str]:
+    """Ray's token for the Jobs API, where there is one: new Ray clusters require it (token authentication).
+
+    Read as Ray reads it: `$RAY_AUTH_TOKEN`, the file at `$RAY_AUTH_TOKEN_PATH`,
+    or `~/.ray/auth_token`; `RAY_AUTH_MODE=disabled` sends none.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def default_address() -> str:
+    return os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"

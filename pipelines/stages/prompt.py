@@ -1,0 +1,186 @@
+"""Prompt: render each record's chat messages with the model's chat template and tokenize them.
+
+Tokenizing here, once, means the engine receives token ids and never tokenizes
+on its own critical path, and `prompt_tokens` is exactly what the engine reads.
+Records that cannot become a prompt keep their row and get an `error`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.config.job import template_fields
+from pipelines.config.storage import StorageOptions
+from pipelines.io.storage import read_bytes
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """One tokenizer per worker process and model, loaded on first use."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def load_image(value: Any, storage: StorageOptions) -> bytes:
+    """An image cell's bytes: the bytes themselves, or the object a path or URI names.
+
+    Raises ValueError with the reason (`image: ...`) when there is no usable image.
+    """
+    from PIL import Image
+
+    if _is_blank(value) or (isinstance(value, bytes) and not value):
+        raise ValueError("image: the image column is null or empty")
+    where = "inline bytes"
+    if isinstance(value, str):
+        where = value
+        try:
+            value = read_bytes(value, storage)
+        except FileNotFoundError:
+            raise ValueError(f"image: {where}: not found") from None
+        except Exception as exc:  # noqa: BLE001 - any store error is the row's reason
+            raise ValueError(f"image: {where}: cannot read: {exc}") from None
+    try:
+        Image.open(io.BytesIO(value)).verify()
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"image: {where}: not a decodable image: {exc}") from None
+    return value
+
+
+def task_instructions(spec) -> str | None:
+    """What a classify or extract job tells the model about its answer (the spec's labels or JSON Schema).
+
+    Decoding is constrained either way; saying what is allowed up front keeps
+    the model from being forced off the answer it would have given.
+    """
+    if spec.prompt is None or not spec.prompt.task_instructions:
+        return None
+    if spec.task == "classify":
+        lines = [f"- {label.name}" + (f": {label.description}" if label.description else "")
+                 for label in spec.classify.labels]
+        return "Answer with exactly one of these labels and nothing else:\n" + "\n".join(lines)
+    if spec.task == "extract":
+        schema = json.dumps(spec.extract.schema_dict, separators=(",", ":"))
+        return f"Answer with one JSON object that follows this JSON Schema:\n{schema}"
+    return None
+
+
+def prompt_fields(system: str | None, user: str) -> list[str]:
+    """The input columns the prompt templates name, system's first, each once."""
+    return list(dict.fromkeys(template_fields(system or "") + template_fields(user)))
+
+
+def build_messages(row: dict[str, Any], system: str | None, user: str, *, image: bool = False,
+                   instructions: str | None = None) -> list[dict]:
+    """The chat messages for one record; with `image`, the user message is an image part then a text part."""
+    messages: list[dict] = []
+    system_text = system.format(**row) if system else None
+    if instructions:
+        system_text = f"{system_text}\n\n{instructions}" if system_text else instructions
+    if system_text:
+        messages.append({"role": "system", "content": system_text})
+    text = user.format(**row)
+    content: Any = [{"type": "image"}, {"type": "text", "text": text}] if image else text
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def render_batch(
+    batch: pa.Table,
+    *,
+    tokenizer_path: str,
+    id_column: str,
+    max_model_len: int,
+    max_tokens: int,
+    system: str | None = None,
+    user: str | None = None,
+    instructions: str | None = None,
+    image_column: str | None = None,
+    storage: StorageOptions | None = None,
+    messages_column: str | None = None,
+) -> pa.Table:
+    """Add `prompt_token_ids`, `prompt_tokens` and `error` to a batch; one row out per row in.
+
+    Args:
+        tokenizer_path: Tokenizer folder or id (the engine's).
+        id_column: The spec's `input.id_column`; a null id is an error.
+        max_model_len, max_tokens: A prompt longer than `max_model_len - max_tokens`
+            cannot be generated in full, so it is an error rather than an engine
+            failure. A `max_tokens` column, where present, sets it per row.
+        system, user: The spec's `prompt.system` and `prompt.user` templates.
+        instructions: The task's instructions (`task_instructions`), appended to the system message.
+        image_column: The spec's `prompt.image_column`: its image is loaded,
+            checked and carried to the engine in an `image` column.
+        storage: Object-store access for image URIs.
+        messages_column: A column of ready chat messages (JSON) used instead of
+            the templates, as OpenAI batch requests bring them.
+
+    A `reject` column, where present, holds reasons found while reading
+    (`pipelines.stages.read`); such rows keep them as their error.
+    """
+    tokenizer = load_tokenizer(tokenizer_path)
+    if messages_column:
+        placeholders: list[str] = []
+        wanted = [id_column, messages_column]
+    else:
+        placeholders = prompt_fields(system, user)
+        wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
+    wanted += [c for c in ("reject", "max_tokens") if c in batch.column_names]
+    rows = batch.select(list(dict.fromkeys(wanted))).to_pylist()
+
+    errors: list[str | None] = [None] * len(rows)
+    images: list[bytes | None] = [None] * len(rows)
+    conversations, positions = [], []
+    for i, row in enumerate(rows):
+        if row.get("reject") is not None:
+            errors[i] = row["reject"]
+            continue
+        if row[id_column] is None:
+            errors[i] = f"null_id: {id_column} (the id column) is null"
+            continue
+        if messages_column:
+            conversations.append(json.loads(row[messages_column]))
+            positions.append(i)
+            continue
+        blank = [c for c in placeholders if _is_blank(row[c])]
+        if blank:
+            errors[i] = f"empty_input: {', '.join(blank)} is null, empty or blank"
+            continue
+        if image_column:
+            try:
+                images[i] = load_image(row[image_column], storage or StorageOptions())
+            except ValueError as exc:
+                errors[i] = str(exc)
+                continue
+        conversations.append(build_messages(row, system, user, image=image_column is not None,
+                                            instructions=instructions))
+        positions.append(i)
+
+    token_ids: list[list[int] | None] = [None] * len(rows)
+    if conversations:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+        # The rendered text already holds the template's special tokens.
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, ids in zip(positions, encoded):
+            limit = max_model_len - (rows[i].get("max_tokens") or max_tokens)
+            if len(ids) > limit:
+                errors[i] = f"prompt_too_long: {len(ids)} tokens; max_model_len minus max_tokens leaves {limit}"
+            token_ids[i] = ids
+
+    out = batch
+    out = out.append_column("prompt_token_ids", pa.array(token_ids, type=pa.list_(pa.int32())))
+    out = out.append_column("prompt_tokens", pa.array([None if t is None else len(t) for t in token_ids], pa.int64()))
+    if image_column:
+        out = out.append_column("image", pa.array(images, pa.binary()))
+    out = out.append_column("error", pa.array(errors, pa.string()))
+    assert out.num_rows == batch.num_rows, "render_batch must map each row to exactly one row"
+    return out

@@ -1,0 +1,45 @@
+"""Commit primitives: exclusive manifest writes (local disk and a real S3 server), and removal of unlisted files."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+
+from pipelines.io.storage import read_json, write_json_atomic
+from pipelines.run.commit import read_manifests, remove_uncommitted
+
+
+def test_exclusive_write_on_a_local_disk(tmp_path):
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "run/_manifests/a.json")
+    assert write_json_atomic(fs, path, {"shard": "a", "n": 1}, exclusive=True)
+    assert not write_json_atomic(fs, path, {"shard": "a", "n": 2}, exclusive=True)  # the first commit stands
+    assert read_json(fs, path) == {"shard": "a", "n": 1}
+    assert sorted(p.name for p in (tmp_path / "run/_manifests").iterdir()) == ["a.json"]  # no temporary left
+    write_json_atomic(fs, path, {"shard": "a", "n": 3})
+    assert json.loads((tmp_path / "run/_manifests/a.json").read_text())["n"] == 3
+
+
+def test_exclusive_write_on_s3_uses_a_conditional_put(s3_env):
+    s3_env.client().create_bucket(Bucket="tokenmill-commit")
+    fs = fsspec.filesystem("s3")
+    assert write_json_atomic(fs, "tokenmill-commit/run/_run.json", {"attempt": 1}, exclusive=True)
+    assert not write_json_atomic(fs, "tokenmill-commit/run/_run.json", {"attempt": 2}, exclusive=True)
+    assert read_json(fs, "tokenmill-commit/run/_run.json") == {"attempt": 1}
+
+
+def test_files_no_manifest_lists_are_removed(tmp_path):
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path)
+    for name in ("results/a/1.parquet", "results/a/2.parquet", "rejects/a/1.parquet", "results/b/9.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    write_json_atomic(fs, f"{root}/_manifests/a.json", {"shard": "a", "state": "committed",
+                                                        "results": [f"{root}/results/a/1.parquet"],
+                                                        "rejects": [f"{root}/rejects/a/1.parquet"]})
+    manifests = read_manifests(fs, root)
+    assert remove_uncommitted(fs, root, manifests) == 2  # a retried task's a/2, and all of uncommitted b
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
+    assert left == ["rejects/a/1.parquet", "results/a/1.parquet"]
+

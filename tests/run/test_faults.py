@@ -1,0 +1,249 @@
+"""Faults on the real stack (SeaweedFS S3, Ray, vLLM): killed drivers and engines, and every kind of bad input.
+
+However a run is interrupted, resuming it ends with every input id exactly once
+in the committed results and rejects, bad shards quarantined with their reason,
+and no file that a manifest does not list.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+JOB = REPO / "conf/jobs/ticket_triage.yaml"
+BUCKET = "tokenmill-faults"
+FIGURES: dict[str, int] = {"faults_injected": 0, "runs_resumed": 0, "rows_in": 0, "rows_out": 0,
+                           "duplicates": 0, "rows_lost": 0}
+
+
+def put_table(client, key: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    client.put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue())
+
+
+def make_input(client, prefix: str, good_shards: int = 6, rows: int = 10) -> dict:
+    """Good shards, one shard of every bad-row kind, and shards to quarantine; what each id should become."""
+    tickets = pq.read_table(sorted((REPO / "data/samples/tickets").glob("*.parquet")))
+    good = tickets.slice(0, good_shards * rows)
+    for k in range(good_shards):
+        put_table(client, f"{prefix}/part-{k:03d}.parquet", good.slice(k * rows, rows))
+    base = tickets.slice(200, 1).to_pylist()[0]
+    bad = [
+        {**base, "ticket_id": "BAD-NULL", "body": None},
+        {**base, "ticket_id": "BAD-EMPTY", "subject": ""},
+        {**base, "ticket_id": "BAD-BLANK", "body": " \t\n "},
+        {**base, "ticket_id": "BAD-LONG", "body": "refund " * 2500},
+        {**base, "ticket_id": "BAD-UTF8", "body": "placeholder"},
+        {**base, "ticket_id": None},
+        {**base, "ticket_id": good.column("ticket_id")[0].as_py()},  # a duplicate of the first good row
+        {**base, "ticket_id": "GOOD-IN-BAD-SHARD"},
+    ]
+    table = pa.Table.from_pylist(bad, schema=tickets.schema)
+    body = table.column("body").combine_chunks().cast(pa.binary()).to_pylist()
+    body[4] = b"caf\xe9 au lait"  # latin-1, not UTF-8
+    table = table.set_column(table.schema.get_field_index("body"), "body", pa.array(body, pa.binary()).view(pa.string()))
+    put_table(client, f"{prefix}/part-900-bad-rows.parquet", table)
+    cut = io.BytesIO()
+    pq.write_table(tickets.slice(210, 5), cut)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/part-901-truncated.parquet", Body=cut.getvalue()[:-200])
+    drift = tickets.slice(215, 5)
+    drift = drift.set_column(drift.schema.get_field_index("body"), "body", pa.array([3.5] * 5))
+    put_table(client, f"{prefix}/part-902-float-body.parquet", drift)
+    numeric = tickets.slice(220, 5)
+    numeric = numeric.set_column(0, "ticket_id", pa.array(range(9001, 9006), pa.int64()))  # cast to text: safe
+    put_table(client, f"{prefix}/part-903-int-ids.parquet", numeric)
+    expect_ok = [*good.column("ticket_id").to_pylist(), "GOOD-IN-BAD-SHARD", *map(str, range(9001, 9006))]
+    expect_rejected = {"BAD-NULL": "empty_input", "BAD-EMPTY": "empty_input", "BAD-BLANK": "empty_input",
+                       "BAD-LONG": "prompt_too_long", "BAD-UTF8": "invalid_utf8", None: "null_id",
+                       good.column("ticket_id")[0].as_py(): "duplicate_id"}
+    return {"ok": expect_ok, "rejected": expect_rejected,
+            "quarantined": {"part-901-truncated.parquet": "unreadable", "part-902-float-body.parquet": "schema"}}
+
+
+def overrides(prefix: str, run: str) -> list[str]:
+    sets = [f"input.path=s3://{BUCKET}/{prefix}/", f"output.path=s3://{BUCKET}/out/", "sampling.max_tokens=12",
+            "batch_size=4", "failures.max_share=0.5"]
+    return ["--run-id", run, "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def check_run(client, run: str, expected: dict) -> dict:
+    """Every readable id exactly once across committed results and rejects; nothing unlisted; reasons right."""
+    root = f"out/{run}/"
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key=root + "summary.json")["Body"].read())
+    assert root + "_SUCCESS" in keys(client, root)
+    listed = {f.removeprefix(f"s3://{BUCKET}/") for f in summary["output"]["results"] + summary["output"]["rejects"]}
+    on_store = {k for k in keys(client, root) if k.endswith(".parquet") and "/input/" not in k}
+    assert on_store == listed, "files on the store that no manifest lists (or the reverse)"
+
+    def read(files: list[str]) -> pl.DataFrame:
+        return pl.concat([pl.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=f.removeprefix(
+            f"s3://{BUCKET}/"))["Body"].read())) for f in files], how="diagonal_relaxed")
+
+    results, rejects = read(summary["output"]["results"]), read(summary["output"]["rejects"])
+    rows = rejects.filter(pl.col("row").is_not_null())
+    ids = results["ticket_id"].to_list() + rows["ticket_id"].to_list()
+    wanted = expected["ok"] + list(expected["rejected"])
+    assert sorted(map(str, ids)) == sorted(map(str, wanted)), "an id is missing or written twice"
+    got = {r["ticket_id"]: r["reason"] for r in rows.iter_rows(named=True)}
+    assert got == expected["rejected"]
+    assert set(results["ticket_id"].to_list()) == set(expected["ok"])
+    shards = {r["shard"].rsplit("/", 1)[-1]: r["reason"] for r in rejects.filter(pl.col("row").is_null()).iter_rows(
+        named=True)}
+    assert shards == expected["quarantined"]
+    assert summary["records_in"] == results.height + rows.height
+    assert summary["duplicate_ids"] == 1
+    FIGURES["rows_in"] += len(wanted)
+    FIGURES["rows_out"] += results.height + rows.height
+    FIGURES["duplicates"] += results.height - results["ticket_id"].n_unique()
+    FIGURES["rows_lost"] += len(set(map(str, wanted)) - set(map(str, ids)))
+    return summary
+
+
+def driver(args: list[str], log: Path) -> subprocess.Popen:
+    """`tokenmill run` as its own process, joined to the session's Ray cluster as under `ray job submit`."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(JOB), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    proc.log = log
+    return proc
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the fault: "
+                                 f"{proc.log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the fault's moment never came")
+        time.sleep(0.1)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("moments", [("reading",), ("generating", "committing")], ids="-then-".join)
+def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, moments, tmp_path, capsys):
+    """Each moment kills a driver; the next moment's driver resumes the run the last one left, and so does the
+    final run in this process (a run killed twice, the second time while resuming, keeps every id once)."""
+    client = s3_env.client()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    prefix, run = f"in-{moments[0]}", f"kill-{moments[0]}"
+    expected = make_input(client, prefix)
+    root = f"out/{run}/"
+
+    def reading() -> bool:  # the run exists and has begun reading, before any shard is written
+        return f"{root}_run.json" in keys(client, root)
+
+    def generating() -> bool:  # results written, no shard committed yet
+        found = keys(client, root)
+        return any("/results/" in k for k in found)
+
+    def committing() -> bool:  # some shards committed (2 manifests are the quarantined shards'), not all
+        return sum("/_manifests/" in k for k in keys(client, root)) >= 4
+
+    for moment in moments:
+        proc = driver(overrides(prefix, run), tmp_path / f"driver-{moment}.log")
+        wait_for({"reading": reading, "generating": generating, "committing": committing}[moment], proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        FIGURES["faults_injected"] += 1
+        assert f"{root}_SUCCESS" not in keys(client, root)
+
+    assert main(["run", str(JOB), *overrides(prefix, run)]) == 0, capsys.readouterr().err[-3000:]
+    FIGURES["runs_resumed"] += 1
+    summary = check_run(client, run, expected)
+    if "committing" in moments:
+        assert summary["resumed"] and summary["shards_redone"] < 7, "committed shards were redone"
+    print(f"\nfault figures so far: {FIGURES}")
+
+
+@pytest.mark.engine
+def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_path, capsys):
+    client = s3_env.client()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    prefix, run = "in-engine", "kill-engine"
+    expected = make_input(client, prefix, good_shards=8)
+    root = f"out/{run}/"
+    # Long enough outputs that the engine is still at work when the first results are written.
+    proc = driver([*overrides(prefix, run), "--set", "sampling.max_tokens=48", "--set", "sampling.ignore_eos=true"],
+                  tmp_path / "driver.log")
+
+    def results_written(n: int):
+        return lambda: sum("/results/" in k for k in keys(client, root)) >= n
+
+    def kill(name: str) -> int:
+        # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
+        victims = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if name in p.name() or name in " ".join(p.cmdline()):
+                    p.kill()
+                    victims.append(p)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return len(victims)
+
+    wait_for(results_written(1), proc)
+    assert kill("VLLM::EngineCore") == 1  # the engine process: the replica starts a new engine
+    FIGURES["faults_injected"] += 1
+    wait_for(results_written(4), proc)
+    assert kill("MapWorker(MapBatches(VLLMGenerator))") >= 1  # the whole replica: Ray restarts it
+    FIGURES["faults_injected"] += 1
+    assert proc.wait(timeout=600) == 0, proc.log.read_text()[-3000:]
+    check_run(client, run, expected)
+    print(f"\nfault figures so far: {FIGURES}")
+
+
+@pytest.mark.engine
+def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_env, model_path, capsys):
+    client = s3_env.client()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    tickets = pq.read_table(sorted((REPO / "data/samples/tickets").glob("*.parquet")))
+    put_table(client, "in-breaker/part-0.parquet", tickets.slice(0, 10))
+    put_table(client, "in-breaker/part-1.parquet", tickets.slice(10, 10))
+    blank = tickets.slice(20, 20)
+    put_table(client, "in-breaker/part-2.parquet",
+              blank.set_column(blank.schema.get_field_index("body"), "body", pa.array([" "] * 20)))
+    args = overrides("in-breaker", "breaker")
+    strict = [*args, "--set", "failures.max_share=0.3", "--set", "failures.min_records=10"]
+    assert main(["run", str(JOB), *strict]) == 6
+    err = capsys.readouterr().err
+    assert "stopped:" in err and "more than failures.max_share 30%" in err and "run again to resume" in err
+    assert "out/breaker/_SUCCESS" not in keys(client, "out/breaker/")
+
+    # The breaker's threshold is not part of what the results depend on: raising it resumes the same run.
+    assert main(["run", str(JOB), *args, "--set", "failures.max_share=0.9"]) == 0
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="out/breaker/summary.json")["Body"].read())
+    assert summary["records_in"] == 40 and summary["records_rejected"] == 20 and summary["records_ok"] == 20
