@@ -208,7 +208,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     else:
         for name, m in EMBEDDED.items():
             where = model_dir(name)
-            print(f"{name}\t{m.package}\t{'prepared at ' + str(where) if is_prepared(where) else 'not prepared'}")
+            print(f"{name}\t{m.upstream}\t{'prepared at ' + str(where) if is_prepared(where) else 'not prepared'}")
     return 0
 
 

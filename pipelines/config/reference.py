@@ -66,7 +66,7 @@ def render() -> str:
         ("Hosted price (`hosted.<name>`)", HostedPrice),
     ):
         doc = (model.__doc__ or "").strip().splitlines()[0]
-        parts += ["", f"#### {title}", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        parts += ["", f"### {title}", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         if model is PriceBook:
             parts += [r for r in _rows(model) if not r.startswith("| `models`")]
             parts.append("| `models` | dict[str, entry] | required | Token prices keyed by the engine profile's "

