@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from pipelines.models.adapters import Adapter, check_adapter
 from pipelines.run.cluster import ensure_ray
 from pipelines.run.commit import RUN_FILE, SUCCESS, Committer, committed_results, read_manifests, remove_uncommitted
 from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
-from pipelines.run.ledger import EngineStats, read_ledger, stop_attempt
+from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
 from pipelines.run.report import SUMMARY_FILE, write_report
 from pipelines.run.summary import summarize
@@ -143,7 +144,8 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         try:
             ds = build_dataset(job, todo, run_id=run_id, run_root=run_root, out_fs=out_fs,
                                tokenizer_path=tokenizer_path, storage=storage, adapter=adapter,
-                               attempt=attempt, duplicates=duplicates)
+                               ledger=functools.partial(ReplicaLedger, out_fs, run_root, attempt=attempt),
+                               duplicates=duplicates)
             for n, written in enumerate(ds.iter_rows()):
                 committer.record(written)
                 meter.add(written)
