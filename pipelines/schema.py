@@ -6,9 +6,35 @@ task's typed columns (`label`, or one per extracted field), then these.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import pyarrow as pa
+
+
+class Reason(enum.StrEnum):
+    """Why a record has no answer, or a failed one: the `error_code` of a result, the `reason` of a reject.
+
+    The message beside it (`error`, `message`) names the field, column, line or cause; no code is ever
+    parsed out of a message.
+    """
+
+    NULL_ID = "null_id"  # the id column is null
+    DUPLICATE_ID = "duplicate_id"  # the id was seen before (`input.duplicate_ids`)
+    EMPTY_INPUT = "empty_input"  # a prompt column is null, empty or blank
+    INVALID_UTF8 = "invalid_utf8"  # a text column holds bytes that are not UTF-8
+    PROMPT_TOO_LONG = "prompt_too_long"  # the rendered prompt leaves no room for max_tokens
+    IMAGE = "image"  # the image is missing, unreadable or not an image
+    ENGINE = "engine"  # the engine refused or aborted this request
+    PARSE = "parse"  # the answer is not a label, not JSON, or does not validate
+    UNREADABLE = "unreadable"  # a whole shard is not readable Parquet
+    SCHEMA = "schema"  # a whole shard lacks a column or holds one of another type
+    # OpenAI batch request lines (`pipelines.io.openai_batch`), named as OpenAI's own batch errors are:
+    INVALID_JSON = "invalid_json"
+    INVALID_URL = "invalid_url"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_ENCODING = "invalid_encoding"
+    DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
 
 RESULT_FIELDS: list[pa.Field] = [
     pa.field("output_text", pa.string()),
@@ -24,7 +50,8 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("model", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("generated_at", pa.timestamp("us", tz="UTC")),
-    pa.field("error", pa.string()),
+    pa.field("error_code", pa.string()),  # a `Reason`, null on success
+    pa.field("error", pa.string()),  # what failed, null on success
 ]
 
 TOKEN_ID_FIELDS: list[pa.Field] = [
@@ -76,8 +103,8 @@ def json_schema_arrow_type(node: dict[str, Any], root: dict[str, Any]) -> pa.Dat
         kinds = [k for k in kind if k != "null"]
         kind = kinds[0] if len(kinds) == 1 else None
     if kind is None and "enum" in node:
-        kinds = {type(v) for v in node["enum"] if v is not None}
-        kind = "string" if kinds == {str} else None
+        enum_types = {type(v) for v in node["enum"] if v is not None}
+        kind = "string" if enum_types == {str} else None
     if kind is None and "const" in node and isinstance(node["const"], str):
         kind = "string"
     if kind == "string":
@@ -122,6 +149,7 @@ STAGED_SCHEMA = pa.schema([
     ("messages", pa.string()),  # JSON: [{role, content}] with text content
     ("request_params", pa.string()),  # JSON: sampling overrides and `structured` (response_format)
     ("max_tokens", pa.int64()),
-    ("reject", pa.string()),  # "<code>: <message>" for a line that cannot be served
+    ("reject_code", pa.string()),  # a `Reason`, for a line that cannot be served
+    ("reject", pa.string()),  # why not
 ])
 STAGED_COLUMNS = tuple(STAGED_SCHEMA.names)

@@ -152,7 +152,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("errors_by_kind"):
         rows.insert(3, ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items())))
     if s["input"].get("quarantined"):
-        rows.insert(3, ("quarantined shards", "; ".join(f"{q['path']}: {q['reason'][:120]}"
+        rows.insert(3, ("quarantined shards", "; ".join(f"{q['path']}: {q['reason']}: {(q['message'] or '')[:120]}"
                                                          for q in s["input"]["quarantined"])))
     if s.get("resumed"):
         rows.insert(1, ("resumed", f"yes: {s['shards_redone']} shard(s) run in this attempt"))

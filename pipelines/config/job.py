@@ -243,7 +243,8 @@ class JobSpec(BaseModel):
 
     @property
     def id_column(self) -> str:
-        return self.input.id_column  # set by InputSpec's validator
+        assert self.input.id_column is not None  # set by InputSpec's validator
+        return self.input.id_column
 
     @property
     def prompt_columns(self) -> list[str]:
@@ -252,9 +253,9 @@ class JobSpec(BaseModel):
     @property
     def truth_columns(self) -> list[str]:
         """Input columns holding known answers, for the summary's quality figures."""
-        if self.task == "classify" and self.classify.label_column:
+        if self.task == "classify" and self.classify is not None and self.classify.label_column:
             return [self.classify.label_column]
-        if self.task == "extract":
+        if self.task == "extract" and self.extract is not None:
             return list(dict.fromkeys(self.extract.truth_columns.values()))
         return []
 
@@ -291,7 +292,7 @@ class JobSpec(BaseModel):
             if missing:
                 raise ValueError(f"input.columns lacks {missing}, which the prompt, output.passthrough or "
                                  "the truth columns use")
-        if self.task == "extract":
+        if self.task == "extract" and self.extract is not None:
             taken = {self.id_column, *self.carried_columns, *RESERVED_NAMES}
             clash = [f for f in self.extract.fields if f in taken]
             if clash:

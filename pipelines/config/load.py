@@ -12,9 +12,9 @@ from typing import Any, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipelines.config.engine import EngineProfile
+from pipelines.config.engine import CostProfile, EngineProfile
 from pipelines.config.job import JobSpec
-from pipelines.config.prices import AcceleratorPrice, ModelPrice, PriceBook
+from pipelines.config.prices import AcceleratorPrice, HostedPrice, ModelPrice, PriceBook
 from pipelines.errors import ConfigError
 from pipelines.paths import conf_dir_for
 
@@ -30,9 +30,17 @@ class Job:
     price: ModelPrice
     spec_path: Path
     conf_dir: Path
-    hosted: dict[str, ModelPrice] = dataclasses.field(default_factory=dict)
+    hosted: dict[str, HostedPrice] = dataclasses.field(default_factory=dict)
     accelerator_price: AcceleratorPrice | None = None  # the engine profile's hourly rate, where the book has one
     partition: str | None = None  # `--date`: the night this run is for
+
+    def accelerator_billing(self) -> tuple[AcceleratorPrice, CostProfile]:
+        """The hourly rate and the cost weights that `cost.mode: accelerator_time` bills with (`load_job`
+        refuses that mode without them)."""
+        if self.accelerator_price is None or self.engine.cost is None:
+            raise ConfigError(f"cost.mode: accelerator_time needs a `cost:` section in engine profile "
+                              f"{self.engine.name!r} and its accelerator's hourly rate in the price book")
+        return self.accelerator_price, self.engine.cost
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -205,8 +213,6 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 
 def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
     """The job a run was started with (`job_snapshot`)."""
-    from pipelines.config.prices import HostedPrice
-
     rate = snapshot.get("accelerator_price")
     return Job(spec=JobSpec.model_validate(snapshot["spec"]), engine=EngineProfile.model_validate(snapshot["engine"]),
                price=ModelPrice.model_validate(snapshot["price"]), spec_path=Path(snapshot["spec_path"]),

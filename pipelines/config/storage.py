@@ -39,7 +39,8 @@ class StorageOptions(BaseModel):
         env = os.environ.get
 
         def secret(value: SecretStr | None, name: str) -> SecretStr | None:
-            return value if value is not None else (SecretStr(env(name)) if env(name) else None)
+            found = env(name)
+            return value if value is not None else (SecretStr(found) if found else None)
 
         return self.model_copy(
             update={

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pipelines.config.job import JobSpec, SamplingSpec
 from pipelines.config.storage import StorageOptions
 from pipelines.io.storage import input_files, join
-from pipelines.schema import STAGED_SCHEMA
+from pipelines.schema import STAGED_SCHEMA, Reason
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 class Reject(Exception):
     """A request line that cannot be served: `code` is OpenAI-style, the message says why."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: Reason, message: str):
         super().__init__(message)
         self.code = code
 
@@ -86,22 +86,22 @@ def _text_content(content: Any, where: str) -> str:
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise Reject("invalid_request", f"{where}: content part of type {kind!r} is not supported (text only)")
+                raise Reject(Reason.INVALID_REQUEST, f"{where}: content part of type {kind!r} is not supported (text only)")
             parts.append(part["text"])
         return "".join(parts)
-    raise Reject("invalid_request", f"{where}: content must be a string or a list of text parts")
+    raise Reject(Reason.INVALID_REQUEST, f"{where}: content must be a string or a list of text parts")
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise Reject("invalid_request", "body.messages must be a non-empty list")
+        raise Reject(Reason.INVALID_REQUEST, "body.messages must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
         where = f"body.messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else None
-            raise Reject("invalid_request", f"{where}: role {role!r} is not one of {sorted(ROLES)}")
+            raise Reject(Reason.INVALID_REQUEST, f"{where}: role {role!r} is not one of {sorted(ROLES)}")
         out.append({"role": ROLES[m["role"]], "content": _text_content(m.get("content"), where)})
     return out
 
@@ -118,15 +118,15 @@ def _structured(response_format: Any) -> dict[str, Any] | None:
     if kind == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise Reject("invalid_request", "body.response_format.json_schema.schema must be an object")
+            raise Reject(Reason.INVALID_REQUEST, "body.response_format.json_schema.schema must be an object")
         from jsonschema import Draft202012Validator, SchemaError
 
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as exc:
-            raise Reject("invalid_request", f"body.response_format: not a valid JSON Schema: {exc.message}") from None
+            raise Reject(Reason.INVALID_REQUEST, f"body.response_format: not a valid JSON Schema: {exc.message}") from None
         return {"json": schema}
-    raise Reject("invalid_request", f"body.response_format.type {kind!r} is not one of text, json_object, json_schema")
+    raise Reject(Reason.INVALID_REQUEST, f"body.response_format.type {kind!r} is not one of text, json_object, json_schema")
 
 
 def parse_request(text: str, sampling: SamplingSpec) -> dict[str, Any]:
@@ -134,27 +134,27 @@ def parse_request(text: str, sampling: SamplingSpec) -> dict[str, Any]:
     try:
         request = json.loads(text)
     except ValueError as exc:
-        raise Reject("invalid_json", f"not valid JSON: {exc}") from None
+        raise Reject(Reason.INVALID_JSON, f"not valid JSON: {exc}") from None
     if not isinstance(request, dict):
-        raise Reject("invalid_json", f"expected a JSON object, found {type(request).__name__}")
+        raise Reject(Reason.INVALID_JSON, f"expected a JSON object, found {type(request).__name__}")
     cid = request.get("custom_id")
     if not isinstance(cid, str) or not cid:
-        raise Reject("invalid_request", "custom_id is missing or not a non-empty string")
+        raise Reject(Reason.INVALID_REQUEST, "custom_id is missing or not a non-empty string")
     if request.get("method", "POST") != "POST":
-        raise Reject("invalid_request", f"method {request.get('method')!r} is not POST")
+        raise Reject(Reason.INVALID_REQUEST, f"method {request.get('method')!r} is not POST")
     if request.get("url") != CHAT_URL:
-        raise Reject("invalid_url", f"url {request.get('url')!r} is not served (tokenmill serves {CHAT_URL})")
+        raise Reject(Reason.INVALID_URL, f"url {request.get('url')!r} is not served (tokenmill serves {CHAT_URL})")
     body = request.get("body")
     if not isinstance(body, dict):
-        raise Reject("invalid_request", "body must be an object")
+        raise Reject(Reason.INVALID_REQUEST, "body must be an object")
     unknown = sorted(set(body) - SAMPLING_KEYS - IGNORED_KEYS - {"messages", "response_format", "n",
                                                                   "max_completion_tokens", "logprobs"})
     if unknown:
-        raise Reject("invalid_request", f"body parameters {unknown} are not supported")
+        raise Reject(Reason.INVALID_REQUEST, f"body parameters {unknown} are not supported")
     if body.get("n", 1) != 1:
-        raise Reject("invalid_request", f"body.n {body['n']!r}: only one choice per request is supported")
+        raise Reject(Reason.INVALID_REQUEST, f"body.n {body['n']!r}: only one choice per request is supported")
     if body.get("logprobs"):
-        raise Reject("invalid_request", "body.logprobs is not supported")
+        raise Reject(Reason.INVALID_REQUEST, "body.logprobs is not supported")
     params = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
     if body.get("max_completion_tokens") is not None:
         params["max_tokens"] = body["max_completion_tokens"]
@@ -165,7 +165,7 @@ def parse_request(text: str, sampling: SamplingSpec) -> dict[str, Any]:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise Reject("invalid_request", f"body.{key}: {err['msg']}") from None
+        raise Reject(Reason.INVALID_REQUEST, f"body.{key}: {err['msg']}") from None
     structured = _structured(body.get("response_format"))
     return {
         "custom_id": cid,
@@ -201,22 +201,22 @@ def stage_requests(spec: JobSpec, storage: StorageOptions, out_fs, staged_root: 
             if not text.strip():
                 continue  # a blank line (often the last) is no request
             row = {"custom_id": _custom_id_of(text), "source": name, "line": number, "messages": None,
-                   "request_params": None, "max_tokens": None, "reject": None}
+                   "request_params": None, "max_tokens": None, "reject_code": None, "reject": None}
             try:
                 if not valid:
-                    raise Reject("invalid_encoding", "the line is not valid UTF-8")
+                    raise Reject(Reason.INVALID_ENCODING, "the line is not valid UTF-8")
                 if row["custom_id"] in repeated:
                     lines = ", ".join(f"{s}:{n}" for s, n in repeated[row["custom_id"]])
-                    raise Reject("duplicate_custom_id", f"custom_id {row['custom_id']!r} appears on lines {lines}")
+                    raise Reject(Reason.DUPLICATE_CUSTOM_ID, f"custom_id {row['custom_id']!r} appears on lines {lines}")
                 row.update(parse_request(text, spec.sampling))
             except Reject as exc:
-                row["reject"] = f"{exc.code}: line {number} of {name}: {exc}"
+                row["reject_code"], row["reject"] = exc.code, f"line {number} of {name}: {exc}"
             rows.append(row)
         target = join(staged_root, f"part-{k:05d}.parquet")
         with out_fs.open(target, "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=STAGED_SCHEMA), f)
         staged.append(target)
-        rejected = sum(r["reject"] is not None for r in rows)
+        rejected = sum(r["reject_code"] is not None for r in rows)
         log.info("staged %s: %d requests, %d rejected", path, len(rows), rejected)
     return staged
 
@@ -229,9 +229,8 @@ def batch_output_line(row: dict[str, Any], *, id_column: str, run_id: str, creat
     """One result row as an OpenAI batch output line; `(True, line)` for a success, `(False, line)` for an error."""
     custom_id = row[id_column] if row[id_column] is None else str(row[id_column])
     rid = _request_id(run_id, custom_id, row.get("source"), row.get("line"))
-    if row["error"] is not None:
-        code, _, message = row["error"].partition(": ")
-        error = {"code": code, "message": message or code}
+    if row["error_code"] is not None:
+        error = {"code": row["error_code"], "message": row["error"] or row["error_code"]}
         if row.get("line") is not None:
             error["line"] = row["line"]
         return False, {"id": f"batch_req_{rid}", "custom_id": custom_id, "response": None, "error": error}
@@ -269,7 +268,7 @@ def write_batch_files(result_files: list[str], reject_files: list[str], fs, run_
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
                     for row in batch.to_pylist():
                         if "reason" in row:  # a reject: never generated
-                            row = {**row, "error": f"{row['reason']}: {row['message']}"}
+                            row = {**row, "error_code": row["reason"], "error": row["message"]}
                         ok, line = batch_output_line(row, id_column=id_column, run_id=run_id, created=created)
                         (ok_file if ok else err_file).write(json.dumps(line, ensure_ascii=False) + "\n")
                         counts["output" if ok else "errors"] += 1

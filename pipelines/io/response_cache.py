@@ -137,7 +137,7 @@ def store_batch(batch, cache: ResponseCache) -> int:
     if "cache_key" not in batch.column_names:
         return 0
     new = pc.and_(pc.and_(pc.invert(pc.fill_null(batch.column("cached"), False)), pc.is_valid(batch.column("cache_key"))),
-                  pc.and_(pc.is_valid(batch.column("completion_tokens")), pc.is_null(batch.column("error"))))
+                  pc.and_(pc.is_valid(batch.column("completion_tokens")), pc.is_null(batch.column("error_code"))))
     answered = batch.filter(new)
     if not answered.num_rows:
         return 0

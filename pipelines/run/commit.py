@@ -82,6 +82,7 @@ class ShardProgress:
     results_rows: int = 0
     rejects_rows: int = 0
     failed_rows: int = 0
+    quarantine_code: str | None = None  # set when the shard failed while being read: a `Reason`, and why
     quarantine: str | None = None
 
     @property
@@ -100,7 +101,7 @@ class Committer:
     def _manifest(self, p: ShardProgress, state: str) -> dict[str, Any]:
         return {"shard": p.key, "path": p.uri, "state": state, "rows": p.expected, "results": sorted(p.results),
                 "rejects": sorted(p.rejects), "results_rows": p.results_rows, "rejects_rows": p.rejects_rows,
-                "failed_rows": p.failed_rows, "reason": p.quarantine}
+                "failed_rows": p.failed_rows, "reason": p.quarantine_code, "message": p.quarantine}
 
     def _write(self, manifest: dict[str, Any]) -> bool:
         """Commit a shard; False (and this attempt's files for it deleted) when another attempt did first."""
@@ -124,37 +125,37 @@ class Committer:
         p.results_rows += written["results_rows"]
         p.rejects_rows += written["rejects_rows"]
         p.failed_rows += written["failed_rows"]
-        if written["quarantine"] and not p.quarantine:
-            p.quarantine = written["quarantine"]
-            log.warning("shard %s quarantined: %s", p.uri, p.quarantine)
-        if p.seen == p.expected and not p.quarantine and p.key not in self.committed:
+        if written["quarantine_code"] and not p.quarantine_code:
+            p.quarantine_code, p.quarantine = written["quarantine_code"], written["quarantine"]
+            log.warning("shard %s quarantined: %s: %s", p.uri, p.quarantine_code, p.quarantine)
+        if p.seen == p.expected and not p.quarantine_code and p.key not in self.committed:
             self._write(self._manifest(p, "committed"))
             self.committed.append(p.key)
         return p
 
-    def quarantine(self, key: str, uri: str, reason: str, rows: int | None) -> None:
+    def quarantine(self, key: str, uri: str, code: str, message: str | None, rows: int | None) -> None:
         """Set a whole shard aside: one reject row (`row` null) says which and why; none of its rows count."""
-        code, _, message = reason.partition(": ")
-        row = {name: None for name in self.rejects.names}
-        row.update(shard=uri, row=None, reason=code, message=message or code, run_id=self.run_id)
+        row: dict[str, Any] = {name: None for name in self.rejects.names}
+        row.update(shard=uri, row=None, reason=code, message=message, run_id=self.run_id)
         path = join(self.run_root, "rejects", key, "quarantine.parquet")
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(path, "wb") as f:
             pq.write_table(pa.Table.from_pylist([row], schema=self.rejects), f)
         self._write({"shard": key, "path": uri, "state": "quarantined", "rows": rows, "results": [],
-                     "rejects": [path], "results_rows": 0, "rejects_rows": 0, "failed_rows": 0, "reason": reason})
+                     "rejects": [path], "results_rows": 0, "rejects_rows": 0, "failed_rows": 0, "reason": code,
+                     "message": message})
 
     def quarantine_unread(self, plan: InputPlan) -> None:
         """Shards set aside before reading (unreadable footer, drifted schema)."""
         for q in plan.quarantined:
-            self.quarantine(q.key, q.uri, q.reason, None)
+            self.quarantine(q.key, q.uri, q.code, q.message, None)
 
     def finish(self) -> list[ShardProgress]:
         """Quarantine shards that failed while being read (their partial rows are dropped); return the incomplete."""
         incomplete = []
         for p in self.progress.values():
-            if p.quarantine:
-                self.quarantine(p.key, p.uri, p.quarantine, p.expected)
+            if p.quarantine_code:
+                self.quarantine(p.key, p.uri, p.quarantine_code, p.quarantine, p.expected)
             elif p.key not in self.committed:
                 incomplete.append(p)
         return incomplete

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config.load import Job
-from pipelines.config.prices import AcceleratorPrice, ModelPrice
+from pipelines.config.prices import AcceleratorPrice, HostedPrice
 from pipelines.io.storage import replace_file
 from pipelines.run.ledger import EngineStats
 from pipelines.stages.account import tokens_cost
@@ -48,7 +48,8 @@ def attribute_accelerator_cost(fs, files: list[str], *, compute_usd: float, over
     storage); a run interrupted here is finished by the next attempt, which
     recomputes the same figures from the same ledger.
     """
-    total_work = records = all_records = 0
+    total_work = 0.0
+    records = all_records = 0
     for path in files:
         t = pq.read_table(fs.open(path, "rb"), columns=["work_units", "cached"])
         total_work += pc.sum(t.column("work_units")).as_py() or 0.0
@@ -79,9 +80,9 @@ def attribute_accelerator_cost(fs, files: list[str], *, compute_usd: float, over
     return {"records": records, "work_units": total_work, "unattributed_usd": 0.0}
 
 
-def hosted_comparison(totals: dict, run_cost: float, hosted: dict[str, ModelPrice]) -> dict[str, dict]:
+def hosted_comparison(totals: dict, run_cost: float, hosted: dict[str, HostedPrice]) -> dict[str, dict]:
     """What the run's tokens would have cost at each hosted price, and how many times the run's own cost."""
-    out = {}
+    out: dict[str, dict] = {}
     for name, price in hosted.items():
         cost = tokens_cost(totals["prompt_tokens"], totals["cached_prompt_tokens"], totals["completion_tokens"], price)
         out[name] = {
@@ -111,7 +112,7 @@ def cost_lines(job: Job, totals: dict, engine: EngineStats) -> dict[str, Any]:
                      output_usd=tokens_cost(0, 0, output, p),
                      rates={"model": job.engine.display_model, **p.model_dump(mode="json")})
         return lines
-    rate, weights = job.accelerator_price, job.engine.cost
+    rate, weights = job.accelerator_billing()
     bill = accelerator_bill(engine, rate, job.engine.billed_units)
     lines.update(bill, compute_share=bill["compute_usd"] / bill["total_usd"] if bill["total_usd"] else None,
                  work_units=totals.get("work_units"), attributed_usd=total,
@@ -134,12 +135,12 @@ def cache_lines(job: Job, totals: dict, cost: dict[str, Any]) -> dict[str, Any] 
     if job.spec.cost.mode == "per_token":
         saved = tokens_cost(prompt, cached, output, job.price)
     else:
-        w = job.engine.cost
+        rate, w = job.accelerator_billing()
         work = (prompt - cached) + w.cached_weight * cached + w.decode_weight * output
         if totals["work_units"]:
             saved = work * cost["compute_usd"] / totals["work_units"]
         elif w.throughput:  # nothing generated: the profile's measured rate
-            saved = work / w.throughput.work_per_s * job.accelerator_price.usd_per_hour * job.engine.billed_units / 3600
+            saved = work / w.throughput.work_per_s * rate.usd_per_hour * job.engine.billed_units / 3600
         else:
             saved = None
     return {"path": job.spec.cache.path if job.spec.cache else None, "records": n,

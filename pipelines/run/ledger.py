@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 from pipelines.io.storage import join, write_json_atomic
 
@@ -30,7 +31,7 @@ class ReplicaLedger:
     def __init__(self, fs, run_root: str, *, attempt: str, profile: str) -> None:
         self.fs = fs
         self.path = join(run_root, LEDGER_DIR, f"{attempt}-{uuid.uuid4().hex[:12]}.json")
-        self.entry = {"attempt": attempt, "profile": profile, "created_at": time.time(), "ready_at": None,
+        self.entry: dict[str, Any] = {"attempt": attempt, "profile": profile, "created_at": time.time(), "ready_at": None,
                       "engine_start_s": None, "last_seen": time.time(), "stopped_at": None, "batches": 0,
                       "rows": 0, "output_tokens": 0, "busy_s": 0.0, "first_batch_start": None}
         self._lock = threading.Lock()

@@ -91,16 +91,16 @@ def count_input(job: Job, *, sample: int | None = None) -> dict[str, Any]:
             if sample is not None:
                 part = part.slice(0, sample - read)
             if part.num_rows and part.column("_row")[0].as_py() == -1:
-                reasons[part.column("reject")[0].as_py().partition(":")[0]] += 1
+                reasons[part.column("reject_code")[0].as_py()] += 1
                 continue
             read += part.num_rows
             rendered = render_batch(part, **kwargs)
             per_row = (rendered.column("max_tokens").to_pylist() if "max_tokens" in rendered.column_names
                        else [None] * rendered.num_rows)
-            for ids, error, mt in zip(rendered.column("prompt_token_ids").to_pylist(),
-                                      rendered.column("error").to_pylist(), per_row):
-                if error is not None:
-                    reasons[error.partition(":")[0]] += 1
+            for ids, code, mt in zip(rendered.column("prompt_token_ids").to_pylist(),
+                                     rendered.column("error_code").to_pylist(), per_row):
+                if code is not None:
+                    reasons[code] += 1
                     continue
                 lengths.append(len(ids))
                 max_tokens.append(mt or spec.sampling.max_tokens)

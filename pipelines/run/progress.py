@@ -27,7 +27,7 @@ class Progress:
     def accrued_usd(self) -> float:
         if self.job.spec.cost.mode == "per_token":
             return self.token_usd
-        rate = self.job.accelerator_price
+        rate, _ = self.job.accelerator_billing()
         now = time.time()
         seconds = sum((e.get("stopped_at") or now) - e["created_at"] for e in read_ledger(self.fs, self.run_root))
         return seconds * rate.usd_per_hour * self.job.engine.billed_units / 3600

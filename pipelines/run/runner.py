@@ -176,7 +176,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     remove_uncommitted(out_fs, run_root, manifests)  # files of retried tasks and quarantined shards
     engine = EngineStats.from_ledger(read_ledger(out_fs, run_root))
     if spec.cost.mode == "accelerator_time":
-        bill = accelerator_bill(engine, job.accelerator_price, job.engine.billed_units)
+        bill = accelerator_bill(engine, job.accelerator_billing()[0], job.engine.billed_units)
         attribute_accelerator_cost(out_fs, committed_results(manifests), compute_usd=bill["compute_usd"],
                                    overhead_usd=bill["overhead_usd"], compression=spec.output.parquet_compression)
     summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,

@@ -52,8 +52,8 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
     row = (
         results.select(
             pl.len().alias("records_out"),
-            pl.col("error").is_null().sum().alias("records_ok"),
-            pl.col("error").is_not_null().sum().alias("records_failed"),
+            pl.col("error_code").is_null().sum().alias("records_ok"),
+            pl.col("error_code").is_not_null().sum().alias("records_failed"),
             pl.col(id_column).n_unique().alias("distinct_ids"),
             pl.col("prompt_tokens").fill_null(0).sum().alias("prompt_tokens"),
             pl.col("completion_tokens").fill_null(0).sum().alias("completion_tokens"),
@@ -73,8 +73,8 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
         .row(0, named=True)
     )
     errors = (
-        results.filter(pl.col("error").is_not_null())
-        .group_by(pl.col("error").str.split(":").list.first().alias("kind"))
+        results.filter(pl.col("error_code").is_not_null())
+        .group_by(pl.col("error_code").alias("kind"))
         .len()
         .sort("len", descending=True)
         .collect()
@@ -84,7 +84,7 @@ def result_totals(results: pl.LazyFrame | None, id_column: str) -> dict:
 
 
 def _usage() -> list[pl.Expr]:
-    return [pl.len().alias("records"), pl.col("error").is_not_null().sum().alias("failed"),
+    return [pl.len().alias("records"), pl.col("error_code").is_not_null().sum().alias("failed"),
             pl.col("prompt_tokens").sum().alias("prompt_tokens"),
             pl.col("completion_tokens").sum().alias("completion_tokens"),
             pl.col("cost_usd").sum().alias("cost_usd")]
@@ -201,7 +201,7 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
     spec = job.spec
     protocol = protocol_of(spec.output.path)
     committed = [m for m in manifests.values() if m["state"] == "committed"]
-    quarantined = [{"path": m["path"], "reason": m["reason"]} for m in manifests.values()
+    quarantined = [{"path": m["path"], "reason": m["reason"], "message": m.get("message")} for m in manifests.values()
                    if m["state"] == "quarantined"]
     files = sorted(to_uri(f, protocol) for m in committed for f in m["results"])
     reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m["rejects"])

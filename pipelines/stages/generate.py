@@ -29,6 +29,7 @@ from pipelines.io.response_cache import ResponseCache, identity_digest, request_
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, local_adapter
 from pipelines.paths import tokenmill_home
+from pipelines.schema import Reason
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ class LedgerFactory(Protocol):
 class VLLMGenerator:
     """A Ray Data callable class: one engine replica.
 
-    Rows that already carry an `error` are not sent to the engine. Adds
+    Rows that already carry an `error_code` are not sent to the engine. Adds
     `output_text`, `finish_reason`, `completion_tokens`, `cached_prompt_tokens`,
     `output_token_ids`, `generated_at`, `cached`, `cache_key` and, with
     `logprobs`, `output_logprob` (the sum of the sampled tokens' logprobs); one
@@ -436,7 +437,7 @@ class VLLMGenerator:
                     return self._generate(idx, prompts, params, images, budget, retry_whole=False)
             if len(idx) == 1:
                 log.warning("engine refused one request: %s: %s", type(exc).__name__, exc)
-                return {}, {idx[0]: f"engine: {type(exc).__name__}: {exc}"}
+                return {}, {idx[0]: f"{type(exc).__name__}: {exc}"}
             half = len(idx) // 2
             done, failed = self._generate(idx[:half], prompts, params, images, budget)
             more_done, more_failed = self._generate(idx[half:], prompts, params, images, budget)
@@ -511,8 +512,9 @@ class VLLMGenerator:
             future.set_result((entry, error))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        codes = batch.column("error_code").to_pylist()
         errors = batch.column("error").to_pylist()
-        todo = [i for i, e in enumerate(errors) if e is None]
+        todo = [i for i, c in enumerate(codes) if c is None]
         n = batch.num_rows
         prompt_tokens = batch.column("prompt_tokens").to_pylist()
         rows: list[dict | None] = [None] * n  # each answered row's entry (`pipelines.io.response_cache.ENTRY_FIELDS`)
@@ -554,6 +556,7 @@ class VLLMGenerator:
                 entry = _entry(done[j], at, self.logprobs) if j in done else None
                 rows[i] = entry
                 errors[i] = failed.get(j) if entry is None else None
+                codes[i] = Reason.ENGINE if errors[i] is not None else None
                 generated_tokens += entry["completion_tokens"] if entry else 0
                 if cache is not None and self.cache_read:
                     self._cache_done(keys[i], entry, errors[i])
@@ -562,9 +565,11 @@ class VLLMGenerator:
             for k, future in waits.items():
                 entry, error = future.result()
                 rows[todo[k]], errors[todo[k]], from_cache[todo[k]] = entry, error, entry is not None
+                codes[todo[k]] = Reason.ENGINE if error is not None else None
             for k, source in copies.items():
                 i, src = todo[k], todo[source]
                 rows[i], errors[i], from_cache[i] = rows[src], errors[src], rows[src] is not None
+                codes[i] = codes[src]
         ended = time.time()
         if self.ledger is not None and sent:
             self.ledger.batch(started, ended, sent, generated_tokens,
@@ -576,7 +581,7 @@ class VLLMGenerator:
 
         # The engine's count where it answered: with an image it includes the image's tokens.
         tokens = [r["prompt_tokens"] if r is not None else p for r, p in zip(rows, prompt_tokens)]
-        drop = ["error", "prompt_tokens", *(["image"] if has_images else [])]
+        drop = ["error_code", "error", "prompt_tokens", *(["image"] if has_images else [])]
         result = batch.drop_columns(drop)
         result = result.append_column("prompt_tokens", pa.array(tokens, pa.int64()))
         result = result.append_column("output_text", pa.array(col("output_text"), pa.string()))
@@ -586,6 +591,7 @@ class VLLMGenerator:
         result = result.append_column("output_token_ids", pa.array(col("output_token_ids"), pa.list_(pa.int32())))
         if self.logprobs:
             result = result.append_column("output_logprob", pa.array(col("output_logprob"), pa.float64()))
+        result = result.append_column("error_code", pa.array(codes, pa.string()))
         result = result.append_column("error", pa.array(errors, pa.string()))
         result = result.append_column("generated_at", pa.array(col("generated_at"), pa.timestamp("us", tz="UTC")))
         result = result.append_column("cached", pa.array(from_cache, pa.bool_()))

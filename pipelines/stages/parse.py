@@ -19,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.schema import Reason
+
 
 def _with_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
     i = batch.schema.get_field_index(name)
@@ -42,7 +44,7 @@ def parse_labels(texts: list[str | None], finish: list[str | None], errors: list
         if value in allowed:
             out[i] = value
         else:
-            errors[i] = f"parse: label: {text[:80]!r} is not one of {labels}{_cut_note(finish[i])}"
+            errors[i] = f"label: {text[:80]!r} is not one of {labels}{_cut_note(finish[i])}"
     return out, errors
 
 
@@ -106,18 +108,18 @@ def parse_objects(texts: list[str | None], finish: list[str | None], errors: lis
         try:
             obj = json.loads(text)
         except ValueError as exc:
-            errors[i] = f"parse: output is not valid JSON: {exc}{_cut_note(finish[i])}"
+            errors[i] = f"output is not valid JSON: {exc}{_cut_note(finish[i])}"
             continue
         reason = validation_error(obj, validator)
         if reason:
-            errors[i] = f"parse: {reason}"
+            errors[i] = reason
             continue
         values = {}
         for f in fields:
             try:
                 values[f.name] = to_arrow_value(obj.get(f.name), f.type)
             except (ValueError, TypeError, AttributeError) as exc:
-                reason = f"parse: field {f.name!r}: {obj.get(f.name)!r} is not a {f.type}: {exc}"
+                reason = f"field {f.name!r}: {obj.get(f.name)!r} is not a {f.type}: {exc}"
                 break
         if reason:
             errors[i] = reason
@@ -138,19 +140,20 @@ def parse_batch(batch: pa.Table, *, task: str = "generate", labels: list[str] | 
         fields: The task's result columns (`pipelines.schema.task_fields`).
     """
     finish_col = batch.column("finish_reason")
-    aborted = pc.fill_null(pc.equal(finish_col, "abort"), False)
-    error_col = pc.if_else(pc.and_(aborted, pc.is_null(batch.column("error"))),
-                           pa.scalar("engine: request aborted"), batch.column("error"))
+    aborted = pc.and_(pc.fill_null(pc.equal(finish_col, "abort"), False), pc.is_null(batch.column("error_code")))
+    code_col = pc.if_else(aborted, pa.scalar(Reason.ENGINE.value), batch.column("error_code"))
+    error_col = pc.if_else(aborted, pa.scalar("request aborted"), batch.column("error"))
     if task == "generate":
-        return _with_column(batch, "error", error_col)
+        return _with_column(_with_column(batch, "error_code", code_col), "error", error_col)
 
     texts = batch.column("output_text").to_pylist()
     finish = finish_col.to_pylist()
+    codes = code_col.to_pylist()
     errors = error_col.to_pylist()
     fields = fields or []
     if task == "classify":
         values, errors = parse_labels(texts, finish, errors, labels or [])
-        columns = {"label": values}
+        columns: dict[str, list[Any]] = {"label": values}
         if any(f.name == "label_probability" for f in fields):
             logprob = batch.column("output_logprob").to_pylist()
             columns["label_probability"] = [
@@ -159,6 +162,9 @@ def parse_batch(batch: pa.Table, *, task: str = "generate", labels: list[str] | 
         columns, errors = parse_objects(texts, finish, errors, schema or {}, fields)
     for f in fields:
         batch = _with_column(batch, f.name, pa.array(columns[f.name], f.type))
-    out = _with_column(batch, "error", pa.array(errors, pa.string()))
+    # A row that had no error before this stage and has one now failed to parse.
+    codes = [c if c is not None or e is None else Reason.PARSE.value for c, e in zip(codes, errors)]
+    out = _with_column(_with_column(batch, "error_code", pa.array(codes, pa.string())), "error",
+                       pa.array(errors, pa.string()))
     assert out.num_rows == len(texts), "parse_batch must map each row to exactly one row"
     return out

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pipelines.config.job import template_fields
 from pipelines.config.storage import StorageOptions
 from pipelines.io.storage import read_bytes
+from pipelines.schema import Reason
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,25 +35,25 @@ def _is_blank(value: Any) -> bool:
 def load_image(value: Any, storage: StorageOptions) -> bytes:
     """An image cell's bytes: the bytes themselves, or the object a path or URI names.
 
-    Raises ValueError with the reason (`image: ...`) when there is no usable image.
+    Raises ValueError saying why (the record's `image` error) when there is no usable image.
     """
     from PIL import Image
 
     if _is_blank(value) or (isinstance(value, bytes) and not value):
-        raise ValueError("image: the image column is null or empty")
+        raise ValueError("the image column is null or empty")
     where = "inline bytes"
     if isinstance(value, str):
         where = value
         try:
             value = read_bytes(value, storage)
         except FileNotFoundError:
-            raise ValueError(f"image: {where}: not found") from None
+            raise ValueError(f"{where}: not found") from None
         except Exception as exc:  # noqa: BLE001 - any store error is the row's reason
-            raise ValueError(f"image: {where}: cannot read: {exc}") from None
+            raise ValueError(f"{where}: cannot read: {exc}") from None
     try:
         Image.open(io.BytesIO(value)).verify()
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"image: {where}: not a decodable image: {exc}") from None
+        raise ValueError(f"{where}: not a decodable image: {exc}") from None
     return value
 
 
@@ -108,7 +109,7 @@ def render_batch(
     storage: StorageOptions | None = None,
     messages_column: str | None = None,
 ) -> pa.Table:
-    """Add `prompt_token_ids`, `prompt_tokens` and `error` to a batch; one row out per row in.
+    """Add `prompt_token_ids`, `prompt_tokens`, `error_code` and `error` to a batch; one row out per row in.
 
     Args:
         tokenizer_path: Tokenizer folder or id (the engine's).
@@ -124,7 +125,7 @@ def render_batch(
         messages_column: A column of ready chat messages (JSON) used instead of
             the templates, as OpenAI batch requests bring them.
 
-    A `reject` column, where present, holds reasons found while reading
+    `reject_code` and `reject`, where present, hold reasons found while reading
     (`pipelines.stages.read`); such rows keep them as their error.
     """
     tokenizer = load_tokenizer(tokenizer_path)
@@ -134,18 +135,19 @@ def render_batch(
     else:
         placeholders = prompt_fields(system, user)
         wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
-    wanted += [c for c in ("reject", "max_tokens") if c in batch.column_names]
+    wanted += [c for c in ("reject_code", "reject", "max_tokens") if c in batch.column_names]
     rows = batch.select(list(dict.fromkeys(wanted))).to_pylist()
 
+    codes: list[str | None] = [None] * len(rows)
     errors: list[str | None] = [None] * len(rows)
     images: list[bytes | None] = [None] * len(rows)
     conversations, positions = [], []
     for i, row in enumerate(rows):
-        if row.get("reject") is not None:
-            errors[i] = row["reject"]
+        if row.get("reject_code") is not None:
+            codes[i], errors[i] = row["reject_code"], row["reject"]
             continue
         if row[id_column] is None:
-            errors[i] = f"null_id: {id_column} (the id column) is null"
+            codes[i], errors[i] = Reason.NULL_ID, f"{id_column} (the id column) is null"
             continue
         if messages_column:
             conversations.append(json.loads(row[messages_column]))
@@ -153,13 +155,13 @@ def render_batch(
             continue
         blank = [c for c in placeholders if _is_blank(row[c])]
         if blank:
-            errors[i] = f"empty_input: {', '.join(blank)} is null, empty or blank"
+            codes[i], errors[i] = Reason.EMPTY_INPUT, f"{', '.join(blank)} is null, empty or blank"
             continue
         if image_column:
             try:
                 images[i] = load_image(row[image_column], storage or StorageOptions())
             except ValueError as exc:
-                errors[i] = str(exc)
+                codes[i], errors[i] = Reason.IMAGE, str(exc)
                 continue
         conversations.append(build_messages(row, system, user, image=image_column is not None,
                                             instructions=instructions))
@@ -173,7 +175,8 @@ def render_batch(
         for i, ids in zip(positions, encoded):
             limit = max_model_len - (rows[i].get("max_tokens") or max_tokens)
             if len(ids) > limit:
-                errors[i] = f"prompt_too_long: {len(ids)} tokens; max_model_len minus max_tokens leaves {limit}"
+                codes[i] = Reason.PROMPT_TOO_LONG
+                errors[i] = f"{len(ids)} tokens; max_model_len minus max_tokens leaves {limit}"
             token_ids[i] = ids
 
     out = batch
@@ -181,6 +184,7 @@ def render_batch(
     out = out.append_column("prompt_tokens", pa.array([None if t is None else len(t) for t in token_ids], pa.int64()))
     if image_column:
         out = out.append_column("image", pa.array(images, pa.binary()))
+    out = out.append_column("error_code", pa.array(codes, pa.string()))
     out = out.append_column("error", pa.array(errors, pa.string()))
     assert out.num_rows == batch.num_rows, "render_batch must map each row to exactly one row"
     return out

@@ -9,8 +9,9 @@ id read as a string), else its shard is quarantined with the column named;
 nothing is silently misread.
 
 Every row leaves this stage with `_shard` (the shard's key), `_row` (its index
-in the shard) and `reject` (why it cannot be processed, or null): text that
-is not valid UTF-8 is rejected here, with the column named.
+in the shard), `reject_code` (a `Reason`, or null) and `reject` (why it cannot
+be processed): text that is not valid UTF-8 is rejected here, with the column
+named, and so are repeated ids.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pipelines.config.job import JobSpec
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import InputError
 from pipelines.io.storage import arrow_filesystem, input_files
+from pipelines.schema import Reason
 
-PROVENANCE = ["_shard", "_row", "reject"]
+PROVENANCE = ["_shard", "_row", "reject_code", "reject"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +46,17 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class Quarantined:
+    """A shard set aside whole, before or while it is read."""
+
     key: str
     uri: str
-    reason: str
+    code: Reason  # `unreadable` or `schema`
+    message: str
+
+    @property
+    def reason(self) -> str:
+        """For people: the code and the message."""
+        return f"{self.code}: {self.message}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +159,7 @@ def plan_input(spec: JobSpec, storage: StorageOptions, uri: str | None = None) -
                 return Shard(key=shard_key(shown), path=path, uri=shown, num_rows=meta.num_rows,
                              schema=meta.schema.to_arrow_schema())
         except Exception as exc:  # noqa: BLE001
-            return Quarantined(shard_key(shown), shown, f"unreadable: not a readable Parquet file: {exc}")
+            return Quarantined(shard_key(shown), shown, Reason.UNREADABLE, f"not a readable Parquet file: {exc}")
 
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         found = list(pool.map(footer, files))
@@ -162,8 +172,8 @@ def plan_input(spec: JobSpec, storage: StorageOptions, uri: str | None = None) -
         missing = [(c, why) for c, why in uses.items() if c not in shard.schema.names]
         if missing:
             column, why = missing[0]
-            quarantined.append(Quarantined(shard.key, shard.uri, f"schema: column {column!r} ({why}) is missing; "
-                                                                  f"the file has {shard.schema.names}"))
+            quarantined.append(Quarantined(shard.key, shard.uri, Reason.SCHEMA, f"column {column!r} ({why}) is "
+                                                                                f"missing; the file has {shard.schema.names}"))
             continue
         # The first usable shard fixes each column's type; the others must cast to it exactly.
         bad = None
@@ -172,10 +182,10 @@ def plan_input(spec: JobSpec, storage: StorageOptions, uri: str | None = None) -
             if c not in target:
                 target[c] = pa.field(c, _base(field.type))
             elif not safe_cast(field.type, target[c].type):
-                bad = f"schema: column {c!r} is {field.type} here but {target[c].type} in the other shards"
+                bad = f"column {c!r} is {field.type} here but {target[c].type} in the other shards"
                 break
         if bad:
-            quarantined.append(Quarantined(shard.key, shard.uri, bad))
+            quarantined.append(Quarantined(shard.key, shard.uri, Reason.SCHEMA, bad))
         else:
             shards.append(shard)
     if not shards:
@@ -202,7 +212,7 @@ def _valid_utf8(column: pa.ChunkedArray) -> list[bool]:
 
 def find_duplicates(plan: InputPlan, id_column: str, policy: str, storage: StorageOptions
                     ) -> dict[str, dict[int, str]]:
-    """The rows to reject as repeated ids, by shard key and row index, with the reason.
+    """The rows to reject as repeated ids (`duplicate_id`), by shard key and row index, with the message.
 
     Reads only the id column (polars, streaming). `keep_first` keeps the first
     occurrence in shard order, `reject` none. Null ids are left to the prompt stage.
@@ -231,20 +241,20 @@ def find_duplicates(plan: InputPlan, id_column: str, policy: str, storage: Stora
         if policy == "keep_first" and where == (key, row["row"]):
             continue
         if policy == "keep_first":
-            message = f"duplicate_id: {id_column} {row['id']!r} was first seen at {uris[where[0]]} row {where[1]}"
+            message = f"{id_column} {row['id']!r} was first seen at {uris[where[0]]} row {where[1]}"
         else:
-            message = f"duplicate_id: {id_column} {row['id']!r} appears {times[row['id']]} times"
+            message = f"{id_column} {row['id']!r} appears {times[row['id']]} times"
         out.setdefault(key, {})[int(row["row"])] = message
     return out
 
 
 def read_shard_rows(table: pa.Table, *, filesystem: pafs.FileSystem, schema: pa.Schema,
                     batch_rows: int, duplicates: dict[str, dict[int, str]] | None = None) -> Iterator[pa.Table]:
-    """Ray Data generator UDF: for each shard row (`key`, `path`), its rows with `_shard`, `_row` and `reject`.
+    """Ray Data generator UDF: for each shard row (`key`, `path`), its rows with `PROVENANCE`.
 
-    A shard that fails while being read yields one marker row (`_row` = -1 and
-    the reason in `reject`), so that the driver quarantines the whole shard and
-    drops what it already produced.
+    A shard that fails while being read yields one marker row (`_row` = -1,
+    `reject_code` `unreadable`), so that the driver quarantines the whole shard
+    and drops what it already produced.
     """
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     for shard in table.to_pylist():
@@ -256,8 +266,9 @@ def read_shard_rows(table: pa.Table, *, filesystem: pafs.FileSystem, schema: pa.
                     part = pa.Table.from_batches([batch]).select(schema.names)
                     n = part.num_rows
                     # Staged OpenAI requests arrive with their own reasons.
-                    reject = (part.column("reject").to_pylist() if "reject" in part.column_names
-                              else [None] * n)
+                    staged = "reject_code" in part.column_names
+                    code = part.column("reject_code").to_pylist() if staged else [None] * n
+                    reject = part.column("reject").to_pylist() if staged else [None] * n
                     for name in strings:
                         raw = part.column(name)
                         if not pa.types.is_string(_base(raw.type)):
@@ -266,29 +277,30 @@ def read_shard_rows(table: pa.Table, *, filesystem: pafs.FileSystem, schema: pa.
                         if all(ok):
                             continue
                         for i, good in enumerate(ok):
-                            if not good and reject[i] is None:
-                                reject[i] = f"invalid_utf8: column {name!r} is not valid UTF-8"
+                            if not good and code[i] is None:
+                                code[i], reject[i] = Reason.INVALID_UTF8, f"column {name!r} is not valid UTF-8"
                         mask = pa.array([not g for g in ok])
                         part = part.set_column(part.schema.get_field_index(name), name,
                                                pc.if_else(mask, pa.scalar(None, raw.type), raw))
                     for i in range(n):
-                        if start + i in repeated and reject[i] is None:
-                            reject[i] = repeated[start + i]
+                        if start + i in repeated and code[i] is None:
+                            code[i], reject[i] = Reason.DUPLICATE_ID, repeated[start + i]
                     part = part.cast(schema) if part.schema != schema else part
-                    part = part.drop_columns([c for c in ("reject",) if c in part.column_names])
+                    part = part.drop_columns([c for c in ("reject_code", "reject") if c in part.column_names])
                     part = part.append_column("_shard", pa.array([shard["key"]] * n, pa.string()))
                     part = part.append_column("_row", pa.array(range(start, start + n), pa.int64()))
+                    part = part.append_column("reject_code", pa.array(code, pa.string()))
                     yield part.append_column("reject", pa.array(reject, pa.string()))
                     start += n
         except Exception as exc:  # noqa: BLE001 - the shard is quarantined with the reason
-            names = [n for n in schema.names if n != "reject"]
+            names = [n for n in schema.names if n not in ("reject_code", "reject")]
             marker: dict[str, Any] = {name: None for name in names}
-            out_schema = pa.schema([schema.field(n) for n in names]).append(pa.field("_shard", pa.string()))
+            out_schema = pa.schema([*(schema.field(n) for n in names), pa.field("_shard", pa.string()),
+                                    pa.field("_row", pa.int64()), pa.field("reject_code", pa.string()),
+                                    pa.field("reject", pa.string())])
             yield pa.Table.from_pylist(
-                [{**marker, "_shard": shard["key"], "_row": -1,
-                  "reject": f"unreadable: failed after {start} rows: {type(exc).__name__}: {exc}"}],
-                schema=out_schema.append(pa.field("_row", pa.int64())).append(pa.field("reject", pa.string())),
-            )
+                [{**marker, "_shard": shard["key"], "_row": -1, "reject_code": Reason.UNREADABLE,
+                  "reject": f"failed after {start} rows: {type(exc).__name__}: {exc}"}], schema=out_schema)
 
 
 def read_dataset(plan: InputPlan, *, rows_per_block: int, batch_rows: int = 1024,

@@ -10,7 +10,7 @@ file without a committed manifest is debris of an interrupted attempt.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +32,7 @@ WRITTEN = pa.schema([
     ("failed_rows", pa.int64()),
     ("rejects_file", pa.string()),
     ("rejects_rows", pa.int64()),
+    ("quarantine_code", pa.string()),  # a shard that failed while being read: its `Reason`
     ("quarantine", pa.string()),
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
@@ -40,7 +41,7 @@ WRITTEN = pa.schema([
 
 
 def result_schema(input_schema: pa.Schema, id_column: str, carried: list[str], token_ids: bool,
-                  task_fields: list[pa.Field] = ()) -> pa.Schema:
+                  task_fields: Sequence[pa.Field] = ()) -> pa.Schema:
     """The results' columns: the id, the carried input columns, the task's typed columns, then `RESULT_FIELDS`."""
     fields = [input_schema.field(id_column), *(input_schema.field(c) for c in carried), *task_fields, *RESULT_FIELDS]
     return pa.schema(fields + (TOKEN_ID_FIELDS if token_ids else []))
@@ -57,14 +58,11 @@ def select_batch(batch: pa.Table, *, schema: pa.Schema) -> pa.Table:
 
 
 def _rejects(batch: pa.Table, schema: pa.Schema, shard_uris: dict[str, str], run_id: str) -> pa.Table:
-    errors = batch.column("error").to_pylist()
-    code = [e.partition(": ")[0] if e else "unknown" for e in errors]
-    message = [e.partition(": ")[2] or e if e else "no reason recorded" for e in errors]
     extra = {
         "shard": pa.array([shard_uris.get(k, k) for k in batch.column("_shard").to_pylist()], pa.string()),
         "row": batch.column("_row"),
-        "reason": pa.array(code, pa.string()),
-        "message": pa.array(message, pa.string()),
+        "reason": batch.column("error_code"),
+        "message": batch.column("error"),
         "run_id": pa.array([run_id] * batch.num_rows, pa.string()),
     }
     for name, values in extra.items():
@@ -91,8 +89,9 @@ def write_batch(batch: pa.Table, *, fs, run_root: str, results: pa.Schema, rejec
         ok, bad = mine.filter(generated), mine.filter(pc.invert(generated))
         name = uuid.uuid4().hex
         row: dict[str, Any] = {"shard": key, "results_file": None, "results_rows": ok.num_rows,
-                               "failed_rows": ok.num_rows - ok.column("error").null_count,
+                               "failed_rows": ok.num_rows - ok.column("error_code").null_count,
                                "rejects_file": None, "rejects_rows": bad.num_rows,
+                               "quarantine_code": marker.column("error_code")[0].as_py() if marker.num_rows else None,
                                "quarantine": marker.column("error")[0].as_py() if marker.num_rows else None,
                                "prompt_tokens": pc.sum(ok.column("prompt_tokens")).as_py() or 0,
                                "completion_tokens": pc.sum(ok.column("completion_tokens")).as_py() or 0,

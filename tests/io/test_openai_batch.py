@@ -67,15 +67,21 @@ def test_staging_keeps_every_line_and_says_why_bad_ones_cannot_be_served(tmp_pat
     [staged] = stage_requests(job.spec, StorageOptions(), fs, str(tmp_path / "staged"))
     rows = pq.read_table(staged).to_pylist()
     assert len(rows) == 24 and [r["line"] for r in rows] == [*range(1, 13), *range(14, 26)]
-    rejects = {(r["custom_id"], r["line"]): r["reject"] for r in rows if r["reject"]}
-    assert rejects[("req-003", 4)].startswith("invalid_json: line 4 of requests.jsonl: not valid JSON")
+    codes = {(r["custom_id"], r["line"]): r["reject_code"] for r in rows if r["reject_code"]}
+    rejects = {(r["custom_id"], r["line"]): r["reject"] for r in rows if r["reject_code"]}
+    assert set(rejects) == set(codes) and all(rejects.values())
+    assert codes[("req-003", 4)] == "invalid_json"
+    assert rejects[("req-003", 4)].startswith("line 4 of requests.jsonl: not valid JSON")
+    assert codes[("req-005", 6)] == "invalid_url" and codes[("req-006", 7)] == "duplicate_custom_id"
+    assert codes[("req-009", 10)] == codes[("req-011", 12)] == "invalid_request"
     assert "url '/v1/embeddings' is not served" in rejects[("req-005", 6)]
     for line in (7, 8):  # both lines of the repeated id: which one was meant is unknowable
         assert "appears on lines requests.jsonl:7, requests.jsonl:8" in rejects[("req-006", line)]
     assert "body.n 3" in rejects[("req-009", 10)]
     assert "content part of type 'image_url'" in rejects[("req-011", 12)]
-    assert rejects[("req-013", 15)] == "invalid_encoding: line 15 of requests.jsonl: the line is not valid UTF-8"
-    ok = [r for r in rows if not r["reject"]]
+    assert codes[("req-013", 15)] == "invalid_encoding"
+    assert rejects[("req-013", 15)] == "line 15 of requests.jsonl: the line is not valid UTF-8"
+    ok = [r for r in rows if not r["reject_code"]]
     assert len(ok) == 17
     first = ok[0]
     assert json.loads(first["messages"])[0] == {"role": "system", "content": "Route the ticket to a team."}

@@ -123,7 +123,8 @@ def test_the_write_stage_stores_only_new_answers(tmp_path):
     batch = pa.table({
         "cache_key": ["k1", "k2", "k3", None],
         "cached": [False, True, False, False],
-        "error": [None, None, "engine: refused", None],
+        "error_code": [None, None, "engine", None],
+        "error": [None, None, "refused", None],
         "output_text": ["a", "b", None, "d"],
         "finish_reason": ["stop"] * 4,
         "prompt_tokens": [3, 3, 3, 3],

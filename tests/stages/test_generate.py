@@ -92,6 +92,7 @@ def generator(monkeypatch):
 def batch(ids: list[list[int]]) -> pa.Table:
     return pa.table({"prompt_token_ids": pa.array(ids, pa.list_(pa.int32())),
                      "prompt_tokens": pa.array([len(i) for i in ids], pa.int64()),
+                     "error_code": pa.array([None] * len(ids), pa.string()),
                      "error": pa.array([None] * len(ids), pa.string())})
 
 
@@ -99,7 +100,8 @@ def test_a_refused_request_is_isolated_and_the_rest_keep_their_outputs(generator
     out = generator(batch([[1], [2], [13], [4], [5]]))
     assert out.column("output_text").to_pylist() == ["t1", "t2", None, "t4", "t5"]
     errors = out.column("error").to_pylist()
-    assert errors[2] == "engine: ValueError: grammar error" and errors.count(None) == 4
+    assert errors[2] == "ValueError: grammar error" and errors.count(None) == 4
+    assert out.column("error_code").to_pylist() == [None, None, "engine", None, None]
     assert StandInEngine.starts == 1  # a refusal is not a death: no restart
 
 
@@ -108,7 +110,8 @@ def test_a_poison_request_that_kills_the_engine_is_isolated(generator):
     ids[9] = [666]
     out = generator(batch(ids))
     errors = out.column("error").to_pylist()
-    assert errors[9].startswith("engine: EngineDeadError") and errors.count(None) == 15
+    assert errors[9].startswith("EngineDeadError") and errors.count(None) == 15
+    assert out.column("error_code").to_pylist() == [None] * 9 + ["engine"] + [None] * 6
     assert [t for t in out.column("output_text").to_pylist() if t] == [f"t{k}" for k in range(20, 36) if k != 29]
     # One restart for the retry of the whole batch, then one per halving that still holds the poison.
     assert 2 <= StandInEngine.starts - 1 <= 2 * (16).bit_length() + 2

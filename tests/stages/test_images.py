@@ -55,7 +55,8 @@ def test_inline_bytes_and_local_paths_become_image_prompts(llama4_tokenizer_path
     table = pa.table({"id": ["a", "b"], "sku": ["A1", "B2"], "image_ref": [red, None]})
     out = render(table, llama4_tokenizer_path)
     assert out.column("image").to_pylist() == [red, None]
-    assert out.column("error").to_pylist() == [None, "image: the image column is null or empty"]
+    assert out.column("error_code").to_pylist() == [None, "image"]
+    assert out.column("error").to_pylist() == [None, "the image column is null or empty"]
 
     tok = load_tokenizer(llama4_tokenizer_path)
     image_id = tok.convert_tokens_to_ids("<|image|>")
@@ -74,8 +75,9 @@ def test_missing_and_broken_images_are_rejected_with_a_reason(llama4_tokenizer_p
     (tmp_path / "notes.txt").write_text("not an image")
     out = render(table, llama4_tokenizer_path)
     errors = out.column("error").to_pylist()
-    assert errors[0] == f"image: {tmp_path / 'nope.png'}: not found"
-    assert errors[1].startswith(f"image: {tmp_path / 'notes.txt'}: not a decodable image")
+    assert out.column("error_code").to_pylist()[:2] == ["image", "image"]
+    assert errors[0] == f"{tmp_path / 'nope.png'}: not found"
+    assert errors[1].startswith(f"{tmp_path / 'notes.txt'}: not a decodable image")
     assert out.column("prompt_token_ids").null_count == 2 and out.num_rows == 2
 
 
@@ -88,7 +90,8 @@ def test_images_load_from_s3(llama4_tokenizer_path, s3_env):
                       "image_ref": ["s3://tokenmill-images/catalogue/g.png", "s3://tokenmill-images/catalogue/h.png"]})
     out = render(table, llama4_tokenizer_path, StorageOptions().resolved())
     assert out.column("image")[0].as_py() == green and out.column("error")[0].as_py() is None
-    assert out.column("error")[1].as_py() == "image: s3://tokenmill-images/catalogue/h.png: not found"
+    assert out.column("error_code")[1].as_py() == "image"
+    assert out.column("error")[1].as_py() == "s3://tokenmill-images/catalogue/h.png: not found"
 
 
 def test_missing_image_column_is_refused_before_work(tmp_path):

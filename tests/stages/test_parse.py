@@ -35,7 +35,7 @@ def test_labels_are_kept_or_named_as_errors():
     )
     assert labels == ["positive", "neutral", None, None, None]
     assert errors[0] is None and errors[1] is None
-    assert errors[2].startswith("parse: label: 'negat' is not one of") and "cut at sampling.max_tokens" in errors[2]
+    assert errors[2].startswith("label: 'negat' is not one of") and "cut at sampling.max_tokens" in errors[2]
     assert errors[3] == "engine: boom" and errors[4] == "input: earlier"  # earlier errors win
 
 
@@ -54,10 +54,10 @@ def test_objects_validate_and_errors_name_the_field():
     assert errors[0] is None
     assert columns["number"][0] == "A-1" and columns["total"][0] == 12.5
     assert columns["issued"][0] == dt.date(2026, 11, 2) and columns["lines"][0] == 3 and columns["paid"][0] is True
-    assert errors[1] == "parse: field 'total': 'twelve' is not of type 'number'"
-    assert errors[2] == "parse: field 'total': required but missing"
-    assert errors[3].startswith("parse: field 'issued': '2026-13-45' is not a 'date'")
-    assert errors[4].startswith("parse: output is not valid JSON") and "cut at sampling.max_tokens" in errors[4]
+    assert errors[1] == "field 'total': 'twelve' is not of type 'number'"
+    assert errors[2] == "field 'total': required but missing"
+    assert errors[3].startswith("field 'issued': '2026-13-45' is not a 'date'")
+    assert errors[4].startswith("output is not valid JSON") and "cut at sampling.max_tokens" in errors[4]
     assert "field '(the object)': Additional properties are not allowed ('extra'" in errors[5]
     assert "field 'lines': -2 is less than the minimum of 0" in errors[5]
     for i in range(1, n):  # a failed record gets null fields, never half of them
@@ -102,6 +102,7 @@ def test_parse_batch_classify_adds_label_and_probability():
         "output_text": ["yes", "maybe", None],
         "finish_reason": ["stop", "stop", "abort"],
         "output_logprob": [math.log(0.8), -0.1, None],
+        "error_code": pa.array([None, None, None], pa.string()),
         "error": pa.array([None, None, None], pa.string()),
     })
     fields = [pa.field("label", pa.string()), pa.field("label_probability", pa.float64())]
@@ -109,5 +110,6 @@ def test_parse_batch_classify_adds_label_and_probability():
     assert out.column("label").to_pylist() == ["yes", None, None]
     assert out.column("label_probability").to_pylist()[0] == pytest.approx(0.8)
     assert out.column("label_probability").to_pylist()[1:] == [None, None]
-    errors = out.column("error").to_pylist()
-    assert errors[0] is None and errors[1].startswith("parse: label:") and errors[2] == "engine: request aborted"
+    codes, errors = out.column("error_code").to_pylist(), out.column("error").to_pylist()
+    assert codes == [None, "parse", "engine"]
+    assert errors[0] is None and errors[1].startswith("label:") and errors[2] == "request aborted"

@@ -26,7 +26,7 @@ def test_token_counts_match_the_chat_template(model_path):
                     {"role": "user", "content": USER.format(**row)}]
         expected = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         assert ids == list(expected) and n == len(expected)
-    assert out.column("error").null_count == 2
+    assert out.column("error").null_count == out.column("error_code").null_count == 2
     # A value holding braces is data, not a placeholder.
     assert "{crashes}" in tok.decode(out.column("prompt_token_ids")[1].as_py())
 
@@ -37,15 +37,16 @@ def test_bad_rows_keep_their_place_with_an_error(model_path):
     out = render(table, model_path)
     assert out.num_rows == 4
     assert out.column("id").to_pylist() == [1, None, 3, 4]
-    errors = out.column("error").to_pylist()
+    codes, errors = out.column("error_code").to_pylist(), out.column("error").to_pylist()
+    assert codes == [None, "null_id", "empty_input", "empty_input"]
     assert errors[0] is None
-    assert errors[1] == "null_id: id (the id column) is null"
-    assert errors[2] == "empty_input: subject is null, empty or blank"
-    assert errors[3] == "empty_input: body is null, empty or blank"
+    assert errors[1] == "id (the id column) is null"
+    assert errors[2] == "subject is null, empty or blank"
+    assert errors[3] == "body is null, empty or blank"
 
 
 def test_too_long_prompt_is_an_error_not_an_engine_failure(model_path):
     table = pa.table({"id": [1], "channel": ["email"], "subject": ["long"], "body": ["word " * 500]})
     out = render(table, model_path, max_prompt_tokens=100)
     error = out.column("error")[0].as_py()
-    assert error.startswith("prompt_too_long:") and "leaves 100" in error
+    assert out.column("error_code")[0].as_py() == "prompt_too_long" and "leaves 100" in error

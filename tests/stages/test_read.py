@@ -101,9 +101,10 @@ def test_reader_rejects_bad_utf8_and_marks_a_shard_that_breaks_mid_read(tmp_path
     p = plan(tmp_path)
     rows = pa.concat_tables(read_shard_rows(pa.table({"key": ["k"], "path": [p.shards[0].path]}),
                                             filesystem=p.filesystem, schema=p.schema, batch_rows=4))
-    rejects = rows.column("reject").to_pylist()
-    assert rejects[2] == "invalid_utf8: column 'body' is not valid UTF-8" and rows.column("body")[2].as_py() is None
-    assert rejects.count(None) == 5
+    codes, rejects = rows.column("reject_code").to_pylist(), rows.column("reject").to_pylist()
+    assert codes[2] == "invalid_utf8" and rejects[2] == "column 'body' is not valid UTF-8"
+    assert rows.column("body")[2].as_py() is None
+    assert codes.count(None) == rejects.count(None) == 5
 
     # A shard whose footer reads but whose data pages do not: one marker row, `_row` -1, with the reason.
     pq.write_table(good, tmp_path / "broken.parquet", compression="zstd", row_group_size=3)
@@ -114,7 +115,8 @@ def test_reader_rejects_bad_utf8_and_marks_a_shard_that_breaks_mid_read(tmp_path
     out = pa.concat_tables(read_shard_rows(pa.table({"key": ["b"], "path": [p.shards[0].path]}),
                                            filesystem=p.filesystem, schema=p.schema, batch_rows=10))
     marker = out.filter(pa.compute.equal(out.column("_row"), -1)).to_pylist()
-    assert len(marker) == 1 and marker[0]["reject"].startswith("unreadable: failed after")
+    assert len(marker) == 1 and marker[0]["reject_code"] == "unreadable"
+    assert marker[0]["reject"].startswith("failed after")
 
 
 def test_duplicate_ids_by_policy(tmp_path):
@@ -125,10 +127,10 @@ def test_duplicate_ids_by_policy(tmp_path):
     a, b = (s.key for s in p.shards)
     kept = find_duplicates(p, "ticket_id", "keep_first", StorageOptions())
     assert set(kept) == {b} and set(kept[b]) == {0, 1}
-    assert kept[b][0].startswith("duplicate_id: ticket_id 'T-000002' was first seen at ") and "a.parquet row 1" in kept[b][0]
+    assert kept[b][0].startswith("ticket_id 'T-000002' was first seen at ") and "a.parquet row 1" in kept[b][0]
     every = find_duplicates(p, "ticket_id", "reject", StorageOptions())
     assert {k: set(v) for k, v in every.items()} == {a: {1, 2}, b: {0, 1}}
-    assert every[a][1] == "duplicate_id: ticket_id 'T-000002' appears 2 times"
+    assert every[a][1] == "ticket_id 'T-000002' appears 2 times"
 
 
 def test_missing_id_column_names_the_key(tmp_path):

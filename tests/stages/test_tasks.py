@@ -77,10 +77,13 @@ def test_invoice_fields_validate_or_name_the_failing_field(ray_cluster, model_pa
         else:
             assert all(row[f] is None for f in fields), "a failed record must not keep half its fields"
             assert row["output_text"], "a failed record keeps its raw text"
-            assert row["error"].startswith("parse: ")
-            assert "field '" in row["error"] or "not valid JSON" in row["error"]
+            assert row["error_code"] == "parse"
+            assert row["error"].startswith(("field '", "output is not valid JSON"))
     ok = results.filter(pl.col("error").is_null()).height
     assert ok >= 20, f"only {ok} of 40 invoices parsed"
+    # The code and the message go together, in their own columns: nothing to split.
+    assert (results["error_code"].is_null() == results["error"].is_null()).all()
+    assert summary["errors_by_kind"].get("parse", 0) == 40 - ok
 
     q = summary["quality"]["fields"]
     for field, truth in spec.extract.truth_columns.items():
