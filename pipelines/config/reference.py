@@ -47,7 +47,7 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         if field.default is PydanticUndefined and field.default_factory is None:
             default = "required"
         elif field.default_factory is not None:
-            default = f"`{field.default_factory()!r}`"
+            default = f"`{field.get_default(call_default_factory=True, validated_data={})!r}`"
         else:
             default = f"`{field.default!r}`"
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.errors import ModelError
+
 SEED = 20261128
 
 #: Llama 4's chat format: header tokens around each role, `<|eot|>` after each turn.
@@ -62,6 +64,18 @@ def config_kwargs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
     )
 
 
+def _token_ids(tokenizer):
+    """One special token's id (the tokenizer answers a list for a list)."""
+
+    def token_id(token: str) -> int:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int):
+            raise ModelError(f"the tokenizer has no single id for {token!r}")
+        return found
+
+    return token_id
+
+
 def _tokenizer_and_text_config(tokenizer_source: Path, extra_tokens: list[str]):
     """SmolLM2's tokenizer with Llama 4's special tokens and chat format, and the text config sized to it."""
     from transformers import AutoTokenizer, Llama4TextConfig
@@ -70,7 +84,7 @@ def _tokenizer_and_text_config(tokenizer_source: Path, extra_tokens: list[str]):
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + extra_tokens})
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot|>", "<|end_of_text|>"
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids
+    ids = _token_ids(tokenizer)
     vocab = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints are
     text = Llama4TextConfig(**config_kwargs(vocab, ids("<|begin_of_text|>"), ids("<|eot|>"), ids("<|end_of_text|>")))
     return tokenizer, text
@@ -114,13 +128,13 @@ def build_multimodal(out: Path, *, tokenizer_source: Path) -> None:
     from transformers import (
         Llama4Config,
         Llama4ForConditionalGeneration,
-        Llama4ImageProcessorFast,
+        Llama4ImageProcessor,
         Llama4Processor,
         Llama4VisionConfig,
     )
 
     tokenizer, text = _tokenizer_and_text_config(tokenizer_source, IMAGE_TOKENS)
-    ids = tokenizer.convert_tokens_to_ids
+    ids = _token_ids(tokenizer)
     vision = Llama4VisionConfig(
         hidden_size=64,
         intermediate_size=256,  # hidden x 4: the channels after pixel shuffle
@@ -143,7 +157,7 @@ def build_multimodal(out: Path, *, tokenizer_source: Path) -> None:
     config.architectures = ["Llama4ForConditionalGeneration"]
 
     _init_and_save(Llama4ForConditionalGeneration, config, text, tokenizer, out)
-    image_processor = Llama4ImageProcessorFast(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_patches=1)
+    image_processor = Llama4ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_patches=1)
     processor = Llama4Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                 pixel_shuffle_ratio=0.5, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)

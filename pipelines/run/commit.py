@@ -40,10 +40,10 @@ def read_manifests(fs, run_root: str) -> dict[str, dict[str, Any]]:
     folder = join(run_root, MANIFESTS)
     if not fs.exists(folder):
         return {}
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for path in fs.ls(folder, detail=False):
-        if path.endswith(".json"):
-            manifest = read_json(fs, path)
+        manifest = read_json(fs, path) if path.endswith(".json") else None
+        if manifest is not None:  # gone since the listing: another attempt's, removed
             out[manifest["shard"]] = manifest
     return out
 

@@ -144,7 +144,7 @@ def output_estimate(job: Job, counts: dict, previous: dict | None) -> dict[str, 
     if previous:
         mean = previous["completion_tokens"] / previous["records_out"]
         out.update(basis=f"observed in run {previous['run_id']}", mean_per_record=round(mean, 3))
-    elif job.spec.task == "classify":
+    elif job.spec.task == "classify" and job.spec.classify is not None:
         tokenizer = load_tokenizer(counts["tokenizer_path"])
         # The label's tokens and the end-of-sequence token, averaged over the labels.
         sizes = [len(tokenizer(name, add_special_tokens=False)["input_ids"]) + 1 for name in job.spec.classify.names]
@@ -166,7 +166,7 @@ def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, 
     c, t = profile.cost, profile.cost.throughput
     work = (prompt - cached) + cached * c.cached_weight + output * c.decode_weight
     busy_s = work / t.work_per_s
-    replicas = 1
+    replicas: int | None = 1
     if deadline_s is not None:
         if deadline_s <= t.startup_s:
             est["note"] = f"the deadline is shorter than one replica's start-up ({t.startup_s:.0f} s)"

@@ -80,6 +80,8 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
         if created:
             return None
         state = read_json(out_fs, join(run_root, RUN_FILE))  # another attempt started it a moment ago
+        if state is None:
+            raise ConfigError(f"output.path: {where}: {RUN_FILE} could not be created nor read; check the store")
     if state["fingerprint"] != fingerprint:
         raise ConfigError(f"run {run_id!r} at {where} was started from another spec or engine profile; "
                           "resuming would mix results: choose another --run-id")
@@ -106,13 +108,15 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     spec = job.spec
     fingerprint = spec_fingerprint(job)
     run_id = run_id or default_run_id(job, fingerprint)
-    storage, adapter, plan = preflight(job)
+    storage, adapter, checked = preflight(job)
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
     finished = _open_run(job, out_fs, run_root, run_id, fingerprint, resume)
     if finished is not None:
         return {**finished, "resumed": True, "shards_redone": 0}
-    if spec.input.format == "openai_batch":
+    if isinstance(checked, InputPlan):
+        plan = checked
+    else:  # OpenAI batch request files: checked and staged as Parquet, then read like any input
         stage_requests(spec, storage, out_fs, join(run_root, STAGED_DIR))  # deterministic: safe to redo
         plan = plan_input(spec, storage, uri=join(spec.output.path, run_id, STAGED_DIR))
 

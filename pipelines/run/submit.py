@@ -101,14 +101,14 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
     check_partition(partition)
     client = JobSubmissionClient(address, headers=auth_headers())
     base = submission_id(job, partition)
-    attempts = sorted((a, j) for j in client.list_jobs() if j.submission_id
+    attempts = sorted((a, j.submission_id, _status(j.status)) for j in client.list_jobs() if j.submission_id
                       and (a := _attempt_of(j.submission_id, base)) is not None)
-    latest = attempts[-1][1] if attempts else None
-    if latest is not None and _status(latest.status) in ("SUCCEEDED", "PENDING", "RUNNING"):
-        status = _status(latest.status)
-        echo(f"tokenmill submit: {latest.submission_id} is {status}: "
+    latest = attempts[-1] if attempts else None
+    if latest is not None and latest[2] in ("SUCCEEDED", "PENDING", "RUNNING"):
+        _, sid, status = latest
+        echo(f"tokenmill submit: {sid} is {status}: "
              + ("this night already ran; nothing submitted" if status == "SUCCEEDED" else "following it"))
-        sid, submitted = latest.submission_id, False
+        submitted = False
         if status == "SUCCEEDED":
             return Submission(sid, status, submitted)
     else:

@@ -248,11 +248,11 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
     }
     summary["cache"] = cache_lines(job, totals, summary["cost"])
     summary["hosted_comparison"] = hosted_comparison(totals, summary["cost"]["total_usd"], job.hosted)
-    if files:
+    if results is not None:
         summary["by_shard"] = by_shard(results, {k: m["path"] for k, m in manifests.items()})
         if spec.task == "classify":
             summary["by_label"] = by_label(results)
-    found = quality(results, spec) if files else None
+    found = quality(results, spec) if results is not None else None
     if found is not None:
         summary["quality"] = found
     if totals["records_out"] + rejects["rows"] != records_in:

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import pyarrow as pa
 
@@ -44,12 +44,12 @@ def vllm_engine_args(profile: EngineProfile, source: str):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm"))
+    class Refusing(FlexibleArgumentParser):
+        def error(self, message: str) -> NoReturn:  # argparse would print and exit
+            raise ConfigError(f"{source}: engine_args: vLLM refuses them: {message}")
 
-    def fail(message: str):
-        raise ConfigError(f"{source}: engine_args: vLLM refuses them: {message}")
-
-    parser.error = fail  # argparse would print and exit
+    parser = EngineArgs.add_cli_args(Refusing(prog="vllm"))
+    fail = parser.error
     flags = compat.parser_flags(parser)
     argv = ["--model", profile.model]
     for key, value in profile.engine_args.to_vllm_kwargs().items():
@@ -373,7 +373,7 @@ class VLLMGenerator:
             self.lora_request = LoRARequest(adapter.name, 1, str(local))
             extra = adapter.engine_kwargs()
         self._engine_args = (self.profile, model_path, tokenizer_path, extra)
-        self.llm = None
+        self.llm: Any = None  # a `vllm.LLM` once started
         self._engine_lock = threading.Lock()
         self.sampling = SamplingSpec.model_validate(sampling)
         self.params = sampling_params(self.sampling, structured=structured, logprobs=logprobs)
@@ -465,7 +465,7 @@ class VLLMGenerator:
                 return self._generate(idx, prompts, params, images, budget)
         return self._generate(idx, prompts, params, images, budget)
 
-    def _cache_plan(self, keys: list[str]) -> tuple[list[int], dict[int, int], dict[int, Future], dict[int, dict]]:
+    def _cache_plan(self, cache: ResponseCache, keys: list[str]) -> tuple[list[int], dict[int, int], dict[int, Future], dict[int, dict]]:
         """Which of a batch's requests (by position) to generate; which copy an earlier one of the batch; which
         wait for another batch that is generating the same request; and the answers already known (this
         replica's recent answers, then the cache's store)."""
@@ -486,7 +486,7 @@ class VLLMGenerator:
                     waits[k] = self._inflight[key]
                 else:
                     lookup.append(k)
-        stored = self.cache.get_many([keys[k] for k in lookup])
+        stored = cache.get_many([keys[k] for k in lookup])
         send: list[int] = []
         with self._cache_lock:
             for k in lookup:
@@ -533,13 +533,19 @@ class VLLMGenerator:
             params = [self.params] * len(todo)
             if raw_params is not None:
                 params = request_sampling_params(self.sampling, raw_params, self.params)
-            send, copies, waits, found = list(range(len(todo))), {}, {}, {}
-            if cache is not None:
+            send: list[int] = list(range(len(todo)))
+            copies: dict[int, int] = {}
+            waits: dict[int, Future] = {}
+            found: dict[int, dict] = {}
+            todo_keys: list[str] = []
+            if cache is not None and self.identity is not None:
+                todo_keys = [request_key(self.identity, prompts[k], image=images[k] if images else None,
+                                         request_params=raw_params[k] if raw_params else None)
+                             for k in range(len(todo))]
                 for k, i in enumerate(todo):
-                    keys[i] = request_key(self.identity, prompts[k], image=images[k] if images else None,
-                                          request_params=raw_params[k] if raw_params else None)
+                    keys[i] = todo_keys[k]
                 if self.cache_read:
-                    send, copies, waits, found = self._cache_plan([keys[i] for i in todo])
+                    send, copies, waits, found = self._cache_plan(cache, todo_keys)
             if send and getattr(self, "llm", None) is None and self._start_engine():
                 started = time.time()  # the engine's start-up is its own line, not this batch's work
             # Enough engine restarts to isolate one poison request by halving, and a few more.
@@ -558,8 +564,8 @@ class VLLMGenerator:
                 errors[i] = failed.get(j) if entry is None else None
                 codes[i] = Reason.ENGINE if errors[i] is not None else None
                 generated_tokens += entry["completion_tokens"] if entry else 0
-                if cache is not None and self.cache_read:
-                    self._cache_done(keys[i], entry, errors[i])
+                if todo_keys and self.cache_read:
+                    self._cache_done(todo_keys[k], entry, errors[i])
             for k, entry in found.items():
                 rows[todo[k]], from_cache[todo[k]] = entry, True
             for k, future in waits.items():
@@ -612,7 +618,7 @@ def prefix_order(prompts: list[list[int]], block: int) -> list[int]:
     if len(prompts) < 2:
         return list(range(len(prompts)))
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
-    leaders, followers = [order[0]], []
+    leaders, followers = [order[0]], list[int]()
     for prev, cur in zip(order, order[1:]):
         a, b = prompts[prev], prompts[cur]
         n = min(len(a), len(b), block)

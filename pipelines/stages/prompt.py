@@ -128,12 +128,15 @@ def render_batch(
     `reject_code` and `reject`, where present, hold reasons found while reading
     (`pipelines.stages.read`); such rows keep them as their error.
     """
+    if messages_column is None and user is None:
+        raise ValueError("render_batch needs the user template (prompt.user) or a messages column")
+    user_template = user or ""  # unused with a messages column
     tokenizer = load_tokenizer(tokenizer_path)
     if messages_column:
         placeholders: list[str] = []
         wanted = [id_column, messages_column]
     else:
-        placeholders = prompt_fields(system, user)
+        placeholders = prompt_fields(system, user_template)
         wanted = [id_column, *placeholders, *([image_column] if image_column else [])]
     wanted += [c for c in ("reject_code", "reject", "max_tokens") if c in batch.column_names]
     rows = batch.select(list(dict.fromkeys(wanted))).to_pylist()
@@ -163,7 +166,7 @@ def render_batch(
             except ValueError as exc:
                 codes[i], errors[i] = Reason.IMAGE, str(exc)
                 continue
-        conversations.append(build_messages(row, system, user, image=image_column is not None,
+        conversations.append(build_messages(row, system, user_template, image=image_column is not None,
                                             instructions=instructions))
         positions.append(i)
 

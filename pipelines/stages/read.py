@@ -93,9 +93,9 @@ def _columns_of_use(spec: JobSpec) -> dict[str, str]:
     if spec.input.format == "openai_batch":  # the staged requests (`pipelines.io.openai_batch`)
         return {c: "the staged OpenAI batch requests" for c in spec.read_columns}
     uses = {spec.id_column: "input.id_column"}
-    if spec.prompt.image_column:
+    if spec.prompt is not None and spec.prompt.image_column:
         uses.setdefault(spec.prompt.image_column, "prompt.image_column")
-    for c in spec.prompt.columns:
+    for c in spec.prompt_columns:
         uses.setdefault(c, "a prompt placeholder")
     for c in spec.output.passthrough:
         uses.setdefault(c, "output.passthrough")
@@ -315,9 +315,10 @@ def read_dataset(plan: InputPlan, *, rows_per_block: int, batch_rows: int = 1024
     import ray.data
 
     shards = [{"key": s.key, "path": s.path} for s in plan.shards]
-    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+    ds: ray.data.Dataset = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
     mine = {s.key for s in plan.shards}
-    ds = ds.map_batches(read_shard_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={
+    # Ray's type hints leave out generator UDFs over Arrow tables, which its documentation describes.
+    ds = ds.map_batches(read_shard_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={  # type: ignore[arg-type]
         "filesystem": plan.filesystem, "schema": plan.schema, "batch_rows": batch_rows,
         "duplicates": {k: v for k, v in (duplicates or {}).items() if k in mine}})
     return ds.repartition(target_num_rows_per_block=rows_per_block)
