@@ -55,13 +55,14 @@ $(AIRFLOW_VENV)/.installed: infra/airflow/requirements.txt
 
 airflow: $(AIRFLOW_VENV)/.installed
 
-# The import contract (pyproject's [tool.importlinter]) first: a layer that imports upwards fails in a second.
+# The import contract (pyproject's [tool.importlinter]) and the type checker first: each fails in seconds.
 test: model browser airflow
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 bench: model
-	$(VENV)/bin/tokenmill bench
+	$(VENV)/bin/tokenmill bench throughput
 
 clean:
 	rm -rf out .pytest_cache

@@ -58,36 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--shards", type=int, default=4)
         one.add_argument("--seed", type=int, default=20261128)
 
-    bench = sub.add_parser("bench", help="raw vLLM against the full pipeline on the same prompts; with --task, "
-                                         "constrained against unconstrained decoding")
-    bench.add_argument("job", type=Path, nargs="?",
-                       help="default conf/jobs/ticket_triage.yaml; with --task, review_sentiment or invoice_fields")
-    bench.add_argument("--task", choices=["classify", "extract"],
-                       help="compare constrained and unconstrained decoding on the job's prompts, in one engine")
-    bench.add_argument("--repeats", type=int, default=2, help="--task: passes per side, alternating")
-    bench.add_argument("--resume", action="store_true",
-                       help="a run, then the same run again: what resuming a finished run costs")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    bench.add_argument("--engine-set", dest="engine_overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a field of the engine profile, e.g. engine_args.dtype=bfloat16 (raw and "
-                            "pipeline sides)")
-    bench.add_argument("--conf-dir", type=Path)
-    bench.add_argument("--rows", type=int, help="prompts per side (the job's input rows, repeated); default 512; "
-                                                 "with --task, 128 (classify) or 64 (extract); with --resume, 128")
-    bench.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
-    bench.add_argument("--json", type=Path, help="also write the figures to this file")
-    bench.add_argument("--runs", type=int, default=1, help="repeat every side this many times, in turn; "
-                                                          "the ratios' medians are reported")
-    bench.add_argument("--sides", default=",".join(("raw", "pipeline", "ray_data_llm", "transformers")),
-                       help="comma-separated, from raw, pipeline, ray_data_llm, transformers; every ratio "
-                            "needs raw or the pipeline among them")
-    bench.add_argument("--transformers-rows", type=int, default=256,
-                       help="prompts for the transformers side (slow on CPU; its rate is what is compared)")
-    bench.add_argument("--cache", action="store_true",
-                       help="two runs with a response cache, the second repeating half of the first's prompts")
-    bench.add_argument("--calibrate", action="store_true",
-                       help="measure the engine profile's start-up, work rate and decode/cached weights (the "
-                            "figures for its `cost:` section)")
+    bench = sub.add_parser("bench", help="benchmarks, one kind each: throughput, decoding, cache, resume, calibrate")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="KIND")
+    for kind, what, job in BENCH_KINDS:
+        one = kinds.add_parser(kind, help=what)
+        one.add_argument("job", type=Path, nargs="?", help=f"job spec (default {job})")
+        one.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                         help="override a spec field (repeatable)")
+        one.add_argument("--engine-set", dest="engine_overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                         help="override a field of the engine profile, e.g. engine_args.dtype=bfloat16")
+        one.add_argument("--conf-dir", type=Path)
+        one.add_argument("--json", type=Path, help="also write the figures to this file")
+        if kind != "decoding":
+            one.add_argument("--rows", type=int, default=BENCH_ROWS[kind],
+                             help=f"records (the job's input repeated); default {BENCH_ROWS[kind]}")
+        if kind in ("throughput", "cache"):
+            one.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (ignore_eos)")
+    throughput = kinds.choices["throughput"]
+    throughput.add_argument("--runs", type=int, default=1,
+                            help="repeat every side this many times, in turn; the ratios' medians are reported")
+    throughput.add_argument("--sides", default="raw,pipeline,pipeline_cluster",
+                            help="comma-separated, from raw, pipeline (the driver starts its own local cluster), "
+                                 "pipeline_cluster (the driver joins a running cluster: $RAY_ADDRESS, or a head "
+                                 "the bench starts), ray_data_llm, transformers")
+    throughput.add_argument("--transformers-rows", type=int, default=256,
+                            help="prompts for the transformers side (slow on CPU; its rate is what is compared)")
+    decoding = kinds.choices["decoding"]
+    decoding.add_argument("--rows", type=int, help="prompts (default 128 for classify, 64 for extract)")
+    decoding.add_argument("--repeats", type=int, default=2, help="passes per side, alternating")
 
     plan = sub.add_parser("plan", help="dry run: rows, rejects, tokens, accelerator time and cost per engine "
                                        "profile, without starting an engine")
@@ -221,47 +219,43 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_KINDS = [
+    ("throughput", "the same prompts through raw vLLM, the pipeline (own cluster and joined cluster), "
+                   "ray.data.llm and transformers: tokens/s, memory, ratios", "conf/jobs/ticket_triage.yaml"),
+    ("decoding", "constrained against unconstrained decoding on a classify or extract job's prompts",
+     "conf/jobs/review_sentiment.yaml"),
+    ("cache", "two runs with a response cache, the second repeating half of the first's prompts",
+     "conf/jobs/ticket_triage.yaml"),
+    ("resume", "a run, then the same run again: what resuming a finished run costs", "conf/jobs/ticket_triage.yaml"),
+    ("calibrate", "measure the engine profile's cost: figures (decode and cached-token weights, work rate, "
+                  "start-up) on this machine", "conf/jobs/ticket_triage.yaml"),
+]
+BENCH_ROWS = {"throughput": 512, "cache": 512, "resume": 128, "calibrate": 256}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipelines.bench.common import (
-        format_bench,
-        format_resume_bench,
-        format_task_bench,
-        run_bench,
-        run_resume_bench,
-        run_task_bench,
-    )
+    from pipelines.bench import cache, calibrate, decoding, resume, throughput
 
-    if args.calibrate:
-        from pipelines.bench.common import format_calibration, run_calibration
-
-        result = run_calibration(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
-                                 conf_dir=args.conf_dir, rows=args.rows or 256)
-        print(format_calibration(result))
-    elif args.cache:
-        from pipelines.bench.common import format_cache_bench, run_cache_bench
-
-        result = run_cache_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
-                                 conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens)
-        print(format_cache_bench(result))
-    elif args.resume:
-        result = run_resume_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
-                                  conf_dir=args.conf_dir, rows=args.rows or 128)
-        print(format_resume_bench(result))
-    elif args.task:
-        job = args.job or Path("conf/jobs") / {"classify": "review_sentiment", "extract": "invoice_fields"}[args.task]
-        job = job.with_suffix(".yaml") if not job.suffix else job
-        result = run_task_bench(job, overrides=args.overrides, conf_dir=args.conf_dir, rows=args.rows or {"classify": 128, "extract": 64}[args.task],
-                                repeats=args.repeats)
-        if result["task"] != args.task:
-            raise ConfigError(f"{job}: task is {result['task']!r}, not {args.task!r}")
-        print(format_task_bench(result))
+    kind = args.bench_kind
+    job = args.job or Path(next(default for k, _, default in BENCH_KINDS if k == kind))
+    common = {"overrides": args.overrides, "engine_overrides": args.engine_overrides, "conf_dir": args.conf_dir}
+    if kind == "throughput":
+        result = throughput.run_throughput(job, **common, rows=args.rows, max_tokens=args.max_tokens, runs=args.runs,
+                                           sides=[s.strip() for s in args.sides.split(",") if s.strip()],
+                                           transformers_rows=args.transformers_rows)
+        print(throughput.format_throughput(result))
+    elif kind == "decoding":
+        result = decoding.run_decoding(job, **common, rows=args.rows, repeats=args.repeats)
+        print(decoding.format_decoding(result))
+    elif kind == "cache":
+        result = cache.run_cache(job, **common, rows=args.rows, max_tokens=args.max_tokens)
+        print(cache.format_cache(result))
+    elif kind == "resume":
+        result = resume.run_resume(job, **common, rows=args.rows)
+        print(resume.format_resume(result))
     else:
-        result = run_bench(args.job or Path("conf/jobs/ticket_triage.yaml"), overrides=args.overrides,
-                           conf_dir=args.conf_dir, rows=args.rows or 512, max_tokens=args.max_tokens,
-                           runs=args.runs, sides=[s.strip() for s in args.sides.split(",") if s.strip()],
-                           engine_overrides=args.engine_overrides,
-                           transformers_rows=args.transformers_rows)
-        print(format_bench(result))
+        result = calibrate.run_calibration(job, **common, rows=args.rows)
+        print(calibrate.format_calibration(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -1,4 +1,5 @@
-"""`tokenmill bench` runs both sides on the same prompts and reports their ratio (figures, not a timed test)."""
+"""`tokenmill bench throughput` runs every side on the same prompts and reports their ratios (figures, not a timed
+test)."""
 
 from __future__ import annotations
 
@@ -13,52 +14,40 @@ JOB = Path(__file__).resolve().parents[2] / "conf/jobs/ticket_triage.yaml"
 
 
 @pytest.mark.engine
-def test_bench_compares_raw_vllm_the_pipeline_ray_data_llm_and_transformers(ray_cluster, model_path, tmp_path,
-                                                                            capsys):
+def test_throughput_compares_raw_vllm_the_pipeline_both_ways_ray_data_llm_and_transformers(ray_cluster, model_path,
+                                                                                          tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", str(JOB), "--rows", "24", "--max-tokens", "8", "--transformers-rows", "8",
-                 "--json", str(out)]) == 0
+    assert main(["bench", "throughput", str(JOB), "--rows", "24", "--max-tokens", "8", "--transformers-rows", "8",
+                 "--sides", "raw,pipeline,pipeline_cluster,ray_data_llm,transformers", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "pipeline/raw:" in printed and "with startup pipeline/ray data llm:" in printed and "pipeline profile:" in printed
+    assert "pipeline/raw:" in printed and "pipeline cluster/raw:" in printed
+    assert "with startup pipeline/ray data llm:" in printed and "pipeline, own cluster: 1 batches" in printed
     figures = json.loads(out.read_text())
     sides = figures["runs"][0]["sides"]
-    assert set(sides) == {"raw", "pipeline", "ray_data_llm", "transformers"}
+    assert set(sides) == {"raw", "pipeline", "pipeline_cluster", "ray_data_llm", "transformers"}
+    # The test session's cluster is running in this process: the joined side joined it.
+    assert figures["cluster"] == "the cluster this process is connected to"
     # ignore_eos: every side generates exactly rows x max_tokens tokens for the same prompts.
-    for side in ("raw", "pipeline", "ray_data_llm"):
+    for side in ("raw", "pipeline", "pipeline_cluster", "ray_data_llm"):
         assert sides[side]["output_tokens"] == 24 * 8 and sides[side]["requests"] == 24, side
         assert sides[side]["with_startup_output_tokens_per_s"] > 0 and sides[side]["driver_peak_rss_mb"] > 0, side
     # ray.data.llm has no steady-state figure (nothing outside its processor says when its engine was ready).
     assert sides["ray_data_llm"]["output_tokens_per_s"] is None and sides["raw"]["output_tokens_per_s"] > 0
     # ray.data.llm built the messages and tokenized them itself: the engine still got the same prompts.
     assert sides["raw"]["prompt_tokens"] > 24 * 10
-    assert sides["pipeline"]["prompt_tokens"] == sides["raw"]["prompt_tokens"] == sides["ray_data_llm"]["prompt_tokens"]
+    assert (sides["pipeline"]["prompt_tokens"] == sides["pipeline_cluster"]["prompt_tokens"]
+            == sides["raw"]["prompt_tokens"] == sides["ray_data_llm"]["prompt_tokens"])
     assert "WARNING" not in printed
     assert sides["transformers"]["output_tokens"] == 8 * 8
-    assert sides["pipeline"]["actor_peak_rss_mb"] > 0 and sides["pipeline"]["engine_peak_rss_mb"] > 0
-    ratio = sides["pipeline"]["output_tokens_per_s"] / sides["raw"]["output_tokens_per_s"]
-    assert figures["median"]["ratio_pipeline_to_raw"] == pytest.approx(ratio)
+    for side in ("pipeline", "pipeline_cluster"):
+        assert sides[side]["actor_peak_rss_mb"] > 0 and sides[side]["engine_peak_rss_mb"] > 0
+        assert sides[side]["profile"]["batches"] >= 1
+    # A driver that starts its own cluster owns Ray's processes; one that joins a cluster owns none of them.
+    assert sides["pipeline"]["profile"]["ray_cpu_s"] and not sides["pipeline_cluster"]["profile"]["ray_cpu_s"]
+    for side in ("pipeline", "pipeline_cluster"):
+        ratio = sides[side]["output_tokens_per_s"] / sides["raw"]["output_tokens_per_s"]
+        assert figures["median"][f"ratio_{side}_to_raw"] == pytest.approx(ratio)
     assert "ratio_pipeline_to_ray_data_llm" not in figures["median"]
     assert figures["median"]["ratio_with_startup_pipeline_to_ray_data_llm"] == pytest.approx(
         sides["pipeline"]["with_startup_output_tokens_per_s"] / sides["ray_data_llm"]["with_startup_output_tokens_per_s"])
-
-
-@pytest.mark.engine
-def test_task_bench_compares_constrained_and_unconstrained_decoding(model_path, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--task", "classify", "--rows", "12", "--repeats", "1", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "ratio constrained/unconstrained, requests/s" in printed
-    figures = json.loads(out.read_text())
-    u, c = figures["unconstrained"], figures["constrained"]
-    assert u["requests"] == c["requests"] == 12
-    assert c["valid_share"] == 1.0, "constrained decoding must always give one of the labels"
-    assert figures["ratio_requests_per_s"] == pytest.approx(c["requests_per_s"] / u["requests_per_s"])
-
-
-@pytest.mark.engine
-def test_resume_bench_shows_a_finished_run_costs_no_engine_work(ray_cluster, model_path, capsys):
-    assert main(["bench", "--resume", "--rows", "16", "--set", "sampling.max_tokens=4"]) == 0
-    printed = capsys.readouterr().out
-    assert "0 shards redone" in printed
-    ratio = float(printed.split("ratio resume/first run:")[1].split()[0])
-    assert ratio < 0.5  # the first run starts an engine; the resume reads two small JSON files
+    assert figures["dtype"] in ("bfloat16", "float32") and f"({figures['dtype']})" in printed

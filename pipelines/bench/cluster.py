@@ -1,0 +1,73 @@
+"""A running Ray cluster for a bench side to join, as a driver under `ray job submit` joins one."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningCluster:
+    address: str
+    how: str  # where it came from, for the report
+
+
+@contextlib.contextmanager
+def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0) -> Iterator[RunningCluster | None]:
+    """The address of a running cluster: `RAY_ADDRESS`, else the one this process is connected to, else a head
+    started here (`ray start --head`, its own ports and temp folder) and stopped on leaving. None if not needed.
+
+    The head runs in a process group of its own with `--block`, so one signal stops it; `ray stop` would stop
+    every Ray cluster on the machine.
+    """
+    if not needed:
+        yield None
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        yield RunningCluster(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield RunningCluster(ray.get_runtime_context().gcs_address, "the cluster this process is connected to")
+        return
+    temp.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(temp / "ray-start.log", "wb")
+    proc = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--num-cpus={os.cpu_count() or 2}", "--include-dashboard=false", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bench's Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield RunningCluster(address, "a head the bench started (ray start --head)")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-f", str(temp)], check=False)
+        log.close()
