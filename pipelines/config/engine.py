@@ -57,7 +57,7 @@ class EngineArgs(BaseModel):
 
 
 class Throughput(BaseModel):
-    """What one replica of this profile was measured to do (`tokenmill bench --calibrate`); `tokenmill plan`
+    """What one replica of this profile was measured to do (`tokenmill bench calibrate`); `tokenmill plan`
     estimates a run's accelerator time from it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -82,7 +82,7 @@ class CostProfile(BaseModel):
         "`resources.num_cpus` on CPU.")
     decode_weight: float = Field(
         1.0, gt=0, description="Engine time of one output token, in uncached prompt tokens; measured by "
-        "`tokenmill bench --calibrate`.")
+        "`tokenmill bench calibrate`.")
     cached_weight: float = Field(
         0.0, ge=0, description="Engine time of one prompt token served from the prefix cache, in uncached prompt "
         "tokens.")

@@ -4,7 +4,7 @@ It reads the input (or its first `sample` rows), renders and tokenizes every
 prompt with the engine's real chat template, exactly as the prompt stage does,
 and counts what the run would generate and reject. Accelerator time comes from
 each engine profile's measured throughput (`cost.throughput`, measured by
-`tokenmill bench --calibrate`): start-up plus the work over the work rate, the
+`tokenmill bench calibrate`): start-up plus the work over the work rate, the
 work weighted as records are charged (`pipelines.stages.account.work_units`).
 """
 
@@ -161,7 +161,7 @@ def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, 
     """Accelerator time and cost of the work on one profile, and the replicas a deadline needs."""
     est: dict[str, Any] = {"profile": profile.name, "model": profile.display_model, "device": profile.device}
     if profile.cost is None or profile.cost.throughput is None:
-        est["note"] = "no measured throughput (run `tokenmill bench --calibrate` with this profile)"
+        est["note"] = "no measured throughput (run `tokenmill bench calibrate` with this profile)"
         return est
     c, t = profile.cost, profile.cost.throughput
     work = (prompt - cached) + cached * c.cached_weight + output * c.decode_weight
