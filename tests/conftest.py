@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pipelines.bench import cluster
 
 
 # The account stage's and the run's cost tests share these: a price and a table of token counts
@@ -187,38 +188,22 @@ def ray_head(s3_server, tmp_path_factory):
            "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
            "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_REGION": "us-east-1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    ray = str(Path(sys.executable).parent / "ray")
-    # --block keeps `ray start` in the foreground: its process group is the cluster, stopped by one signal
-    # (`ray stop` would stop every Ray cluster on the machine, the test session's too).
     # Every port its own: the test session's Ray cluster runs beside this one.
     ports = [f"--{name}={_free_port()}" for name in (
         "port", "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")]
-    proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=open(temp / "ray-start.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                jobs_api(address).list_jobs()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield {"address": address, "temp": temp}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def ready() -> bool:
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        # Processes that left the group (the dashboard's) are found by the session folder they were given.
-        subprocess.run(["pkill", "-f", str(temp)], check=False)
+            jobs_api(address).list_jobs()
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    with cluster.ray_head(temp, [*ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                         "--include-dashboard=true", "--num-cpus=4"], env=env, ready=ready):
+        yield {"address": address, "temp": temp}
 
 
 def jobs_api(address: str):

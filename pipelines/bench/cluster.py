@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -45,24 +45,42 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
     if ray.is_initialized():
         yield RunningCluster(ray.get_runtime_context().gcs_address, "the cluster this process is connected to")
         return
-    temp.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def ready() -> bool:
+        return subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True).returncode == 0
+
+    with ray_head(temp, [f"--port={port}", f"--num-cpus={os.cpu_count() or 2}", "--include-dashboard=false"],
+                  env=env, ready=ready, timeout_s=start_timeout_s):
+        yield RunningCluster(address, "a head the bench started (ray start --head)")
+
+
+@contextlib.contextmanager
+def ray_head(temp: Path, args: Sequence[str], *, env: dict[str, str], ready: Callable[[], bool],
+             timeout_s: float = 120.0) -> Iterator[subprocess.Popen]:
+    """`ray start --head --block` on 127.0.0.1 with its own temp folder, until `ready()`; stopped on leaving.
+
+    `--block` keeps it in the foreground, in a process group of its own, so one signal stops the whole head
+    (`ray stop` would stop every Ray cluster on the machine); the processes that leave the group (the
+    dashboard's) are found by the temp folder they were given.
+    """
+    temp.mkdir(parents=True, exist_ok=True)
+    ray_cli = str(Path(sys.executable).parent / "ray")
     log = open(temp / "ray-start.log", "wb")
     proc = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--num-cpus={os.cpu_count() or 2}", "--include-dashboard=false", f"--temp-dir={temp}",
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *args, f"--temp-dir={temp}",
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True).returncode:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the bench's Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
+                raise RuntimeError(f"the Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
             time.sleep(1)
-        yield RunningCluster(address, "a head the bench started (ray start --head)")
+        yield proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
