@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipelines.errors import ConfigError
 from pipelines.io.storage import join, read_json, write_json_atomic
 from pipelines.stages.read import InputPlan
 
@@ -34,28 +36,91 @@ RUN_FILE = "_run.json"
 MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 
+# The layout's version, in every `_run.json` and manifest: a reader refuses a newer one rather than misread it.
+SCHEMA_VERSION = 1
 
-def read_manifests(fs, run_root: str) -> dict[str, dict[str, Any]]:
+
+class RunRecord(BaseModel):
+    """`_run.json`: what the run is, written first and exclusively; the job it was started with, credentials
+    masked, so that its summary and report can be rebuilt from the run alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    job: str
+    fingerprint: str  # of the spec and engine profile: a resume must match it
+    created_at: str
+    snapshot: dict[str, Any] | None = None  # `pipelines.config.load.job_snapshot`
+
+
+class Manifest(BaseModel):
+    """`_manifests/<shard>.json`: a shard's files and counts, written once, last, by the attempt that commits it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    shard: str  # the shard's key
+    path: str  # the shard as the user named it
+    state: Literal["committed", "quarantined"]
+    rows: int | None  # the shard's rows; None for a shard set aside before it was read
+    results: list[str]
+    rejects: list[str]
+    results_rows: int
+    rejects_rows: int
+    failed_rows: int
+    reason: str | None = None  # a quarantined shard's `Reason`, and why
+    message: str | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _read_model(model: type[M], fs, path: str) -> M | None:
+    """A record of the run folder, or None where there is none; one written by a newer tokenmill, or damaged,
+    is an error that names the file."""
+    data = read_json(fs, path)
+    if data is None:
+        return None
+    if data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+        raise ConfigError(f"{path}: written by a newer tokenmill (layout version {data['schema_version']}, this "
+                          f"one reads {SCHEMA_VERSION}); run it with that version")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: not a valid {model.__name__}: {exc.errors()[0]['msg']}") from None
+
+
+def read_run_record(fs, run_root: str) -> RunRecord | None:
+    return _read_model(RunRecord, fs, join(run_root, RUN_FILE))
+
+
+def create_run_record(fs, run_root: str, record: RunRecord) -> bool:
+    """Write `_run.json` unless it exists (an exclusive create): whether this attempt created the run."""
+    return write_json_atomic(fs, join(run_root, RUN_FILE), record.model_dump(mode="json"), exclusive=True)
+
+
+def read_manifests(fs, run_root: str) -> dict[str, Manifest]:
     """The run's manifests by shard key."""
     folder = join(run_root, MANIFESTS)
     if not fs.exists(folder):
         return {}
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Manifest] = {}
     for path in fs.ls(folder, detail=False):
-        manifest = read_json(fs, path) if path.endswith(".json") else None
+        manifest = _read_model(Manifest, fs, path) if path.endswith(".json") else None
         if manifest is not None:  # gone since the listing: another attempt's, removed
-            out[manifest["shard"]] = manifest
+            out[manifest.shard] = manifest
     return out
 
 
-def committed_results(manifests: dict[str, dict]) -> list[str]:
+def committed_results(manifests: dict[str, Manifest]) -> list[str]:
     """The results files of the committed shards."""
-    return sorted(f for m in manifests.values() if m["state"] == "committed" for f in m["results"])
+    return sorted(f for m in manifests.values() if m.state == "committed" for f in m.results)
 
 
-def remove_uncommitted(fs, run_root: str, committed: dict[str, dict[str, Any]]) -> int:
+def remove_uncommitted(fs, run_root: str, committed: dict[str, Manifest]) -> int:
     """Delete files no manifest lists (an interrupted attempt's, or a retried task's); return how many."""
-    listed = {f for m in committed.values() for f in (*m.get("results", []), *m.get("rejects", []))}
+    listed = {f for m in committed.values() for f in (*m.results, *m.rejects)}
     removed = 0
     for sub in ("results", "rejects"):
         folder = join(run_root, sub)
@@ -98,19 +163,19 @@ class Committer:
         self.progress = {s.key: ShardProgress(s.key, s.uri, s.num_rows) for s in plan.shards}
         self.committed: list[str] = []
 
-    def _manifest(self, p: ShardProgress, state: str) -> dict[str, Any]:
-        return {"shard": p.key, "path": p.uri, "state": state, "rows": p.expected, "results": sorted(p.results),
-                "rejects": sorted(p.rejects), "results_rows": p.results_rows, "rejects_rows": p.rejects_rows,
-                "failed_rows": p.failed_rows, "reason": p.quarantine_code, "message": p.quarantine}
+    def _manifest(self, p: ShardProgress) -> Manifest:
+        return Manifest(shard=p.key, path=p.uri, state="committed", rows=p.expected, results=sorted(p.results),
+                        rejects=sorted(p.rejects), results_rows=p.results_rows, rejects_rows=p.rejects_rows,
+                        failed_rows=p.failed_rows)
 
-    def _write(self, manifest: dict[str, Any]) -> bool:
+    def _write(self, manifest: Manifest) -> bool:
         """Commit a shard; False (and this attempt's files for it deleted) when another attempt did first."""
-        path = join(self.run_root, MANIFESTS, f"{manifest['shard']}.json")
-        if write_json_atomic(self.fs, path, manifest, exclusive=True):
+        path = join(self.run_root, MANIFESTS, f"{manifest.shard}.json")
+        if write_json_atomic(self.fs, path, manifest.model_dump(mode="json"), exclusive=True):
             return True
         log.warning("shard %s was committed by another attempt of this run; dropping this attempt's files",
-                    manifest["path"])
-        for f in (*manifest["results"], *manifest["rejects"]):
+                    manifest.path)
+        for f in (*manifest.results, *manifest.rejects):
             if self.fs.exists(f):
                 self.fs.rm(f)
         return False
@@ -129,7 +194,7 @@ class Committer:
             p.quarantine_code, p.quarantine = written["quarantine_code"], written["quarantine"]
             log.warning("shard %s quarantined: %s: %s", p.uri, p.quarantine_code, p.quarantine)
         if p.seen == p.expected and not p.quarantine_code and p.key not in self.committed:
-            self._write(self._manifest(p, "committed"))
+            self._write(self._manifest(p))
             self.committed.append(p.key)
         return p
 
@@ -141,9 +206,8 @@ class Committer:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(path, "wb") as f:
             pq.write_table(pa.Table.from_pylist([row], schema=self.rejects), f)
-        self._write({"shard": key, "path": uri, "state": "quarantined", "rows": rows, "results": [],
-                     "rejects": [path], "results_rows": 0, "rejects_rows": 0, "failed_rows": 0, "reason": code,
-                     "message": message})
+        self._write(Manifest(shard=key, path=uri, state="quarantined", rows=rows, results=[], rejects=[path],
+                             results_rows=0, rejects_rows=0, failed_rows=0, reason=code, message=message))
 
     def quarantine_unread(self, plan: InputPlan) -> None:
         """Shards set aside before reading (unreadable footer, drifted schema)."""

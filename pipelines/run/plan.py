@@ -10,6 +10,7 @@ work weighted as records are charged (`pipelines.stages.account.work_units`).
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import tempfile
@@ -20,15 +21,18 @@ import pyarrow as pa
 
 from pipelines.config.engine import EngineProfile
 from pipelines.config.load import Job, load_engine, load_price_book
+from pipelines.errors import ConfigError
 from pipelines.io.storage import filesystem_for, join, read_json
 from pipelines.models import resolve_engine_paths
-from pipelines.run.commit import RUN_FILE
+from pipelines.run.commit import read_run_record
 from pipelines.run.cost import hosted_comparison
 from pipelines.run.report import SUMMARY_FILE
 from pipelines.stages.account import tokens_cost
 from pipelines.stages.processor import prompt_kwargs
 from pipelines.stages.prompt import load_tokenizer, render_batch
 from pipelines.stages.read import find_duplicates, plan_input, read_shard_rows
+
+log = logging.getLogger(__name__)
 
 
 def _shared_prefix(a: list[int], b: list[int], block: int) -> int:
@@ -50,8 +54,12 @@ def previous_run(job: Job) -> dict | None:
         return None
     best = None
     for folder in fs.ls(root, detail=False):
-        state = read_json(fs, join(folder, RUN_FILE)) if fs.isdir(folder) else None
-        if not state or state.get("job") != job.spec.name:
+        try:
+            state = read_run_record(fs, folder) if fs.isdir(folder) else None
+        except ConfigError as exc:  # another run's damaged or newer record: not one to learn from
+            log.info("plan: skipping %s: %s", folder, exc)
+            continue
+        if state is None or state.job != job.spec.name:
             continue
         summary = read_json(fs, join(folder, SUMMARY_FILE))
         if summary and summary.get("engine") == job.engine.name and summary.get("records_out"):

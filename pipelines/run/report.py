@@ -21,7 +21,7 @@ from pipelines.config.load import job_from_snapshot
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError
 from pipelines.io.storage import filesystem_for, join, read_json, write_json_atomic
-from pipelines.run.commit import RUN_FILE, SUCCESS, read_manifests
+from pipelines.run.commit import RUN_FILE, SUCCESS, read_manifests, read_run_record
 from pipelines.run.ledger import EngineStats, read_ledger
 from pipelines.run.summary import scan_results, summarize
 
@@ -36,12 +36,12 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> dict[str
     run_path = run_path.rstrip("/")
     probe = storage or StorageOptions()
     fs, root = filesystem_for(run_path, probe.resolved())
-    state = read_json(fs, join(root, RUN_FILE))
+    state = read_run_record(fs, root)
     if state is None:
         raise ConfigError(f"{run_path}: no {RUN_FILE}: not a tokenmill run folder")
-    if "snapshot" not in state:
+    if state.snapshot is None:
         raise ConfigError(f"{run_path}: the run predates job snapshots in {RUN_FILE}; rerun it to get a report")
-    job = job_from_snapshot(state["snapshot"])
+    job = job_from_snapshot(state.snapshot)
     parent, _, run_id = run_path.rpartition("/")
     # The run may have been moved since: where it is now wins over where it was written.
     spec = job.spec.model_copy(update={"output": job.spec.output.model_copy(update={"path": parent or "."})})
@@ -50,7 +50,7 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> dict[str
     # Figures of the attempts themselves (times, resumes) are not in the results: kept from the summary, or
     # from `_SUCCESS` when the summary is gone.
     earlier = read_json(fs, join(root, SUMMARY_FILE)) or read_json(fs, join(root, SUCCESS)) or {}
-    started = earlier.get("started_at") or state["created_at"]
+    started = earlier.get("started_at") or state.created_at
     summary = summarize(job, run_id, read_manifests(fs, root), storage.resolved(), adapter=None,
                         engine=EngineStats.from_ledger(read_ledger(fs, root)), wall=earlier.get("wall_s") or 0.0,
                         started_at=dt.datetime.fromisoformat(started), resumed=earlier.get("resumed", False),

@@ -20,7 +20,17 @@ from pipelines.io.storage import filesystem_for, join, read_json, write_json_ato
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, check_adapter
 from pipelines.run.cluster import ensure_ray
-from pipelines.run.commit import RUN_FILE, SUCCESS, Committer, committed_results, read_manifests, remove_uncommitted
+from pipelines.run.commit import (
+    RUN_FILE,
+    SUCCESS,
+    Committer,
+    RunRecord,
+    committed_results,
+    create_run_record,
+    read_manifests,
+    read_run_record,
+    remove_uncommitted,
+)
 from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
@@ -68,21 +78,19 @@ def default_run_id(job: Job, fingerprint: str) -> str:
 
 def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, resume: bool) -> dict | None:
     """Start the run's record, or check an existing one may be resumed; the finished run's summary if any."""
-    state = read_json(out_fs, join(run_root, RUN_FILE))
+    state = read_run_record(out_fs, run_root)
     where = join(job.spec.output.path, run_id)
     if state is None:
         if out_fs.exists(run_root) and out_fs.ls(run_root):
             raise ConfigError(f"output.path: {where} exists but is not a tokenmill run; choose another --run-id")
-        created = write_json_atomic(out_fs, join(run_root, RUN_FILE), {
-            "run_id": run_id, "job": job.spec.name, "fingerprint": fingerprint,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "snapshot": job_snapshot(job)},
-            exclusive=True)
-        if created:
+        record = RunRecord(run_id=run_id, job=job.spec.name, fingerprint=fingerprint,
+                           created_at=dt.datetime.now(dt.timezone.utc).isoformat(), snapshot=job_snapshot(job))
+        if create_run_record(out_fs, run_root, record):
             return None
-        state = read_json(out_fs, join(run_root, RUN_FILE))  # another attempt started it a moment ago
+        state = read_run_record(out_fs, run_root)  # another attempt started it a moment ago
         if state is None:
             raise ConfigError(f"output.path: {where}: {RUN_FILE} could not be created nor read; check the store")
-    if state["fingerprint"] != fingerprint:
+    if state.fingerprint != fingerprint:
         raise ConfigError(f"run {run_id!r} at {where} was started from another spec or engine profile; "
                           "resuming would mix results: choose another --run-id")
     if not resume:

@@ -12,6 +12,7 @@ import polars as pl
 from pipelines.config.load import Job
 from pipelines.config.storage import StorageOptions
 from pipelines.io.storage import join, protocol_of, to_uri
+from pipelines.run.commit import Manifest
 from pipelines.run.cost import cache_lines, cost_lines, hosted_comparison
 
 log = logging.getLogger(__name__)
@@ -195,20 +196,20 @@ def quality(results: pl.LazyFrame, spec) -> dict | None:
     return None
 
 
-def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: StorageOptions, *, adapter, engine,
+def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: StorageOptions, *, adapter, engine,
               wall: float, started_at: dt.datetime, resumed: bool, shards_redone: int) -> dict[str, Any]:
     """The run's summary from its committed files only, so it always agrees with what readers see."""
     spec = job.spec
     protocol = protocol_of(spec.output.path)
-    committed = [m for m in manifests.values() if m["state"] == "committed"]
-    quarantined = [{"path": m["path"], "reason": m["reason"], "message": m.get("message")} for m in manifests.values()
-                   if m["state"] == "quarantined"]
-    files = sorted(to_uri(f, protocol) for m in committed for f in m["results"])
-    reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m["rejects"])
+    committed = [m for m in manifests.values() if m.state == "committed"]
+    quarantined = [{"path": m.path, "reason": m.reason, "message": m.message} for m in manifests.values()
+                   if m.state == "quarantined"]
+    files = sorted(to_uri(f, protocol) for m in committed for f in m.results)
+    reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m.rejects)
     results = scan_results(files, storage, with_file=True)
     totals = result_totals(results, spec.id_column)
     rejects = reject_totals(scan_results(reject_files, storage))
-    records_in = sum(m["rows"] for m in committed)
+    records_in = sum(m.rows or 0 for m in committed)
     kinds = dict(totals.pop("errors_by_kind"))
     for kind, n in rejects["by_reason"].items():
         kinds[kind] = kinds.get(kind, 0) + n
@@ -249,7 +250,7 @@ def summarize(job: Job, run_id: str, manifests: dict[str, dict], storage: Storag
     summary["cache"] = cache_lines(job, totals, summary["cost"])
     summary["hosted_comparison"] = hosted_comparison(totals, summary["cost"]["total_usd"], job.hosted)
     if results is not None:
-        summary["by_shard"] = by_shard(results, {k: m["path"] for k, m in manifests.items()})
+        summary["by_shard"] = by_shard(results, {k: m.path for k, m in manifests.items()})
         if spec.task == "classify":
             summary["by_label"] = by_label(results)
     found = quality(results, spec) if results is not None else None

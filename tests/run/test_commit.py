@@ -35,11 +35,36 @@ def test_files_no_manifest_lists_are_removed(tmp_path):
     for name in ("results/a/1.parquet", "results/a/2.parquet", "rejects/a/1.parquet", "results/b/9.parquet"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    write_json_atomic(fs, f"{root}/_manifests/a.json", {"shard": "a", "state": "committed",
-                                                        "results": [f"{root}/results/a/1.parquet"],
-                                                        "rejects": [f"{root}/rejects/a/1.parquet"]})
+    write_json_atomic(fs, f"{root}/_manifests/a.json", {
+        "shard": "a", "path": "a.parquet", "state": "committed", "rows": 3, "results": [f"{root}/results/a/1.parquet"],
+        "rejects": [f"{root}/rejects/a/1.parquet"], "results_rows": 2, "rejects_rows": 1, "failed_rows": 0})
     manifests = read_manifests(fs, root)
     assert remove_uncommitted(fs, root, manifests) == 2  # a retried task's a/2, and all of uncommitted b
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
     assert left == ["rejects/a/1.parquet", "results/a/1.parquet"]
 
+
+
+def test_run_records_and_manifests_are_typed_and_a_newer_or_damaged_one_is_named(tmp_path):
+    import pytest
+
+    from pipelines.errors import ConfigError
+    from pipelines.run.commit import SCHEMA_VERSION, RunRecord, create_run_record, read_run_record
+
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "run")
+    record = RunRecord(run_id="r", job="j", fingerprint="f" * 40, created_at="2026-11-29T00:00:00+00:00")
+    assert read_run_record(fs, root) is None
+    assert create_run_record(fs, root, record) and not create_run_record(fs, root, record.model_copy())
+    assert read_run_record(fs, root) == record and record.schema_version == SCHEMA_VERSION
+    manifest = {"shard": "a", "path": "a.parquet", "state": "quarantined", "rows": None, "results": [],
+                "rejects": [], "results_rows": 0, "rejects_rows": 0, "failed_rows": 0, "reason": "schema",
+                "message": "column 'x' is missing"}
+    write_json_atomic(fs, f"{root}/_manifests/a.json", manifest)
+    assert read_manifests(fs, root)["a"].message == "column 'x' is missing"
+    write_json_atomic(fs, f"{root}/_manifests/a.json", {**manifest, "schema_version": SCHEMA_VERSION + 1})
+    with pytest.raises(ConfigError, match=r"a\.json: written by a newer tokenmill"):
+        read_manifests(fs, root)
+    write_json_atomic(fs, f"{root}/_manifests/a.json", {**manifest, "state": "half-done"})
+    with pytest.raises(ConfigError, match=r"a\.json: not a valid Manifest"):
+        read_manifests(fs, root)
