@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from pipelines import compat
 from pipelines.bench import cluster
 
 
@@ -213,3 +215,98 @@ def jobs_api(address: str):
     from pipelines.run.submit import auth_headers
 
     return JobSubmissionClient(address, headers=auth_headers())
+
+
+# The stage-level stand-in engine: vLLM's `LLM` interface (generate, enqueue, the engine's steps), deterministic.
+def _engine_dead_error():
+    return compat.engine_dead_error()
+
+
+class StandInLLM:
+    """Answers each prompt with its first token; dies on a poison prompt, refuses an invalid one."""
+
+    starts = 0
+
+    def __init__(self):
+        StandInLLM.starts += 1
+        self.dead = False
+
+        self.llm_engine = self  # the engine loop steps `llm.llm_engine`
+        self.pending: dict[str, list[int]] = {}
+        self.counter = 0
+
+    @staticmethod
+    def _answer(i, request_id="0"):
+        return SimpleNamespace(request_id=request_id, finished=True, prompt_token_ids=i, num_cached_tokens=0,
+                               outputs=[SimpleNamespace(text=f"t{i[0]}", finish_reason="stop", token_ids=[i[0]],
+                                                        cumulative_logprob=None)])
+
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
+        ids = [p["prompt_token_ids"] for p in prompts]
+        if self.dead or [666] in ids:
+            self.dead = True
+            raise _engine_dead_error()("EngineCore encountered an issue")
+        if [13] in ids:
+            raise ValueError("grammar error")
+        return [self._answer(i) for i in ids]
+
+    # The engine loop's interface: LLM.enqueue, then LLMEngine.step until nothing is unfinished.
+    def enqueue(self, prompts, params, lora_request=None, use_tqdm=False):
+        ids = [p["prompt_token_ids"] for p in prompts]
+        if [13] in ids:
+            raise ValueError("grammar error")
+        rids = []
+        for i in ids:
+            self.counter += 1
+            self.pending[str(self.counter)] = i
+            rids.append(f"{self.counter}-a1b2c3d4")  # as vLLM: internal ids; outputs carry the first part
+        return rids
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def step(self):
+        if self.dead or [666] in self.pending.values():
+            self.dead = True
+            raise _engine_dead_error()("EngineCore encountered an issue")
+        # One request finishes per step, the newest first: outputs come back out of order.
+        rid, i = self.pending.popitem()
+        return [self._answer(i, rid)]
+
+    def abort_request(self, request_ids, internal=False):
+        for rid in request_ids:
+            self.pending.pop(compat.output_request_id(rid), None)
+
+
+STAND_IN_PROFILE = {"name": "stand-in", "model": "stand-in", "device": "cpu",
+                    "engine_args": {"max_model_len": 64, "enable_prefix_caching": True,
+                                    "extra_args": {"block_size": 2}}}
+
+
+def stand_in_engine(llm=None):
+    """An engine factory for `VLLMGenerator(engine=...)`: the real `EngineClient` around a stand-in `LLM`."""
+    from pipelines.stages.engine import EngineClient
+
+    def factory(profile, **kwargs):
+        return EngineClient(profile, **kwargs, make=lambda *a, **k: (llm or StandInLLM)())
+
+    return factory
+
+
+def stand_in_generator(llm=None, **kwargs):
+    """The generate stage on a stand-in engine, with the job's other arguments as given."""
+    from pipelines.config.job import SamplingSpec
+    from pipelines.stages.generate import VLLMGenerator
+
+    return VLLMGenerator(profile=STAND_IN_PROFILE, sampling=SamplingSpec().model_dump(), engine=stand_in_engine(llm),
+                         **kwargs)
+
+
+def token_batch(ids):
+    """A batch as the prompt stage leaves it: token ids, their counts, no error."""
+    import pyarrow as pa
+
+    return pa.table({"prompt_token_ids": pa.array(ids, pa.list_(pa.int32())),
+                     "prompt_tokens": pa.array([len(i) for i in ids], pa.int64()),
+                     "error_code": pa.array([None] * len(ids), pa.string()),
+                     "error": pa.array([None] * len(ids), pa.string())})

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from pipelines.bench.common import bench_input, prompt_ids, run_child, write_result
 from pipelines.config.load import load_job
 from pipelines.models import resolve_engine_paths
-from pipelines.stages.generate import engine_dtype
+from pipelines.stages.engine import engine_dtype
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ def calibrate_side(args: dict) -> None:
     from vllm import SamplingParams
 
     from pipelines.config.engine import EngineProfile
-    from pipelines.stages.generate import generate_ids, make_llm
+    from pipelines.stages.engine import generate_ids, make_llm
 
     profile = EngineProfile.model_validate(args["profile"])
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config.load import Job
-from pipelines.stages.generate import actor_env
+from pipelines.stages.engine import actor_env
 from pipelines.stages.processor import prompt_kwargs
 from pipelines.stages.prompt import render_batch
 from pipelines.stages.read import plan_input

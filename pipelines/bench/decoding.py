@@ -72,7 +72,7 @@ def constrained_side(args: dict) -> None:
     """One engine; the same prompts unconstrained and constrained, alternating, `repeats` times each."""
     from pipelines.config.engine import EngineProfile
     from pipelines.config.job import SamplingSpec
-    from pipelines.stages.generate import generate_ids, make_llm, sampling_params
+    from pipelines.stages.engine import generate_ids, make_llm, sampling_params
 
     profile = EngineProfile.model_validate(args["profile"])
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def run_decoding(job_path: Path, *, overrides: Sequence[str] = (), engine_overri
     One engine serves both sides, alternating `repeats` times, so they share the
     machine's state; the sampling is the job's, constraint aside.
     """
-    from pipelines.stages.generate import structured_outputs
+    from pipelines.stages.engine import structured_outputs
 
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
         workdir = Path(tmp)

@@ -23,7 +23,7 @@ from pipelines.bench.cluster import running_cluster
 from pipelines.bench.common import bench_input, cpu_s, fixed_sampling, median, prompt_ids, run_child, write_result
 from pipelines.config.load import load_job
 from pipelines.models import resolve_engine_paths
-from pipelines.stages.generate import actor_env, bind_cpu_threads, engine_dtype, vm_hwm_mb
+from pipelines.stages.engine import actor_env, bind_cpu_threads, engine_dtype, vm_hwm_mb
 from pipelines.stages.prompt import prompt_fields, task_instructions
 
 SIDES = ("raw", "pipeline", "pipeline_cluster", "ray_data_llm", "transformers")
@@ -88,7 +88,7 @@ def raw_side(args: dict) -> None:
     """Start the engine, generate everything in one call."""
     from pipelines.config.engine import EngineProfile
     from pipelines.config.job import SamplingSpec
-    from pipelines.stages.generate import generate_ids, make_llm, peak_memory_mb, sampling_params
+    from pipelines.stages.engine import generate_ids, make_llm, peak_memory_mb, sampling_params
 
     profile = EngineProfile.model_validate(args["profile"])
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_a
 from pipelines.run.progress import Progress
 from pipelines.run.report import SUMMARY_FILE, write_report
 from pipelines.run.summary import summarize
-from pipelines.stages.generate import vllm_engine_args
+from pipelines.stages.engine import vllm_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
 from pipelines.stages.read import InputPlan, find_duplicates, plan_input
 

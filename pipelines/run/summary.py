@@ -236,7 +236,7 @@ def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: St
         "output_tokens_per_s": round(totals["completion_tokens"] / wall, 3) if wall else None,
         "engine_start_s": round(max(engine.engine_start_s), 3) if engine.engine_start_s else None,
         "engine_replicas": engine.replicas,
-        # What the engines computed in: `auto` on CPU is decided on each node (`generate.engine_dtype`).
+        # What the engines computed in: `auto` on CPU is decided on each node (`pipelines.stages.engine.engine_dtype`).
         "engine_dtype": ", ".join(sorted(engine.dtypes)) or None,
         "steady_output_tokens_per_s": round(engine.output_tokens / engine.steady_s, 3) if engine.steady_s else None,
         "cost": cost_lines(job, totals, engine),

@@ -16,7 +16,8 @@ from pipelines.io.storage import filesystem_for
 from pipelines.models.adapters import Adapter, adapter_identity
 from pipelines.schema import task_fields
 from pipelines.stages.account import account_batch
-from pipelines.stages.generate import LedgerFactory, VLLMGenerator, actor_env, structured_outputs
+from pipelines.stages.engine import actor_env, structured_outputs
+from pipelines.stages.generate import LedgerFactory, VLLMGenerator
 from pipelines.stages.parse import parse_batch
 from pipelines.stages.prompt import render_batch, task_instructions
 from pipelines.stages.read import InputPlan, read_dataset
@@ -138,7 +139,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
             "cache": cache,
         },
         # Two calls at once per replica: one batch waits in the engine loop while the other runs, so the
-        # engine never drains between batches (`pipelines.stages.generate.EngineLoop`).
+        # engine never drains between batches (`pipelines.stages.engine.EngineLoop`).
         compute=ActorPoolStrategy(min_size=spec.actors.min, max_size=spec.actors.max,
                                   max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         batch_size=batch_size,

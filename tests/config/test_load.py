@@ -36,7 +36,7 @@ def test_every_committed_job_and_engine_profile_validates():
     for path in jobs:
         job = load_job(path)
         assert job.engine.name == job.spec.engine
-    from pipelines.stages.generate import vllm_engine_args
+    from pipelines.stages.engine import vllm_engine_args
 
     for path in sorted((CONF / "engines").glob("*.yaml")):
         profile = load_engine(path.stem, CONF)
@@ -141,7 +141,7 @@ def test_gpu_profile_must_ask_for_its_tensor_parallel_gpus(conf):
 
 
 def test_unknown_vllm_engine_arg_is_refused(conf):
-    from pipelines.stages.generate import vllm_engine_args
+    from pipelines.stages.engine import vllm_engine_args
 
     edit(conf / "engines/cpu-smollm2.yaml", lambda d: d["engine_args"].update(extra_args={"max_num_seqz": 3}))
     job = load_job(conf / "jobs/ticket_triage.yaml")
@@ -150,7 +150,7 @@ def test_unknown_vllm_engine_arg_is_refused(conf):
 
 
 def test_engine_arg_values_are_checked_by_vllm(conf):
-    from pipelines.stages.generate import vllm_engine_args
+    from pipelines.stages.engine import vllm_engine_args
 
     edit(conf / "engines/llama4-scout-h100.yaml", lambda d: d["engine_args"].update(kv_cache_dtype="fp7"))
     job = load_job(conf / "jobs/ticket_triage.yaml", overrides=["engine=llama4-scout-h100"])
@@ -159,7 +159,7 @@ def test_engine_arg_values_are_checked_by_vllm(conf):
 
 
 def test_production_profiles_build_vllm_engine_args():
-    from pipelines.stages.generate import vllm_engine_args
+    from pipelines.stages.engine import vllm_engine_args
 
     scout = vllm_engine_args(load_engine("llama4-scout-h100", CONF), "scout")
     assert scout.model == "meta-llama/Llama-4-Scout-17B-16E-Instruct"

@@ -10,7 +10,6 @@ import fsspec
 import pyarrow as pa
 import pytest
 
-import pipelines.stages.generate as generate
 from pipelines.config.load import load_job
 from pipelines.io.response_cache import ResponseCache, generation_identity, identity_digest, request_key, store_batch
 from pipelines.stages.processor import cache_settings
@@ -138,26 +137,20 @@ def test_the_write_stage_stores_only_new_answers(tmp_path):
     assert set(cache.get_many(["k1", "k2", "k3"])) == {"k1"}
 
 
-def test_the_generator_sends_each_distinct_request_once_and_copies_the_rest(tmp_path, monkeypatch):
-    from test_generate import StandInEngine
-    from test_generate import batch as make_batch
+def test_the_generator_sends_each_distinct_request_once_and_copies_the_rest(tmp_path):
+    from conftest import StandInLLM, stand_in_generator
+    from conftest import token_batch as make_batch
 
-    monkeypatch.setattr(generate, "tokens_prompt", lambda ids, image=None: {"prompt_token_ids": ids})
     sent: list[list[int]] = []
 
-    class Counting(StandInEngine):
+    class Counting(StandInLLM):
         def enqueue(self, prompts, params, lora_request=None, use_tqdm=False):
             sent.extend(p["prompt_token_ids"] for p in prompts)
             return super().enqueue(prompts, params, lora_request, use_tqdm)
 
     def generator():
-        g = generate.VLLMGenerator.__new__(generate.VLLMGenerator)
-        g.profile, g._engine_args, g.llm = None, (None, None, None, {}), Counting()
-        g.lora_request, g.logprobs, g.ledger, g.params, g.sampling = None, False, None, object(), None
-        g.cache, g.identity, g.cache_read = ResponseCache(fsspec.filesystem("file"), str(tmp_path)), "id", True
-        g._cache_lock, g._memo, g._inflight = generate.threading.Lock(), generate.collections.OrderedDict(), {}
-        g.loop = generate.EngineLoop(g)
-        return g
+        cache = {"fs": fsspec.filesystem("file"), "root": str(tmp_path), "identity": "id", "read": True}
+        return stand_in_generator(Counting, cache=cache)
 
     g = generator()
     first = g(make_batch([[101], [102], [101], [103]]))
