@@ -105,6 +105,9 @@ class EngineProfile(BaseModel):
     )
     tokenizer: str | None = Field(None, description="Tokenizer id or folder when it differs from the model.")
     device: Literal["cpu", "gpu"] = Field(..., description="Where the engine runs.")
+    backend: Literal["vllm", "stand-in"] = Field(
+        "vllm", description="`vllm`, or `stand-in`: a deterministic engine without a model that answers from the "
+        "prompt's token ids (`pipelines.stages.standin`), for testing everything around the engine quickly.")
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     engine_args: EngineArgs
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for the engine actors.")

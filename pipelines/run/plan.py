@@ -213,6 +213,8 @@ def plan_job(job: Job, *, sample: int | None = None, deadline_s: float | None = 
     estimates = []
     for name in [job.engine.name, *[p for p in profiles if p != job.engine.name]]:
         profile = job.engine if name == job.engine.name else load_engine(name, job.conf_dir)
+        if profile.backend == "stand-in" and profile is not job.engine:
+            continue  # a test engine: nothing to plan on
         rate = book.accelerators.get(profile.cost.accelerator) if profile.cost else None
         estimates.append(profile_estimate(profile, rate, prompt=prompt, cached=cached, output=out_total,
                                           deadline_s=deadline_s))

@@ -52,7 +52,8 @@ def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan | lis
     checked when the run stages them); otherwise the checked Parquet input.
     """
     storage = job.spec.storage.resolved()
-    vllm_engine_args(job.engine, f"engine profile {job.engine.name}")
+    if job.engine.backend == "vllm":
+        vllm_engine_args(job.engine, f"engine profile {job.engine.name}")
     adapter = check_adapter(job.spec.lora, storage) if job.spec.lora else None
     if job.spec.input.format == "openai_batch":
         return storage, adapter, request_files(job.spec.input.path, storage)[1]

@@ -16,11 +16,12 @@ from pipelines.io.storage import filesystem_for
 from pipelines.models.adapters import Adapter, adapter_identity
 from pipelines.schema import task_fields
 from pipelines.stages.account import account_batch
-from pipelines.stages.engine import actor_env, structured_outputs
+from pipelines.stages.engine import EngineClient, actor_env, structured_outputs
 from pipelines.stages.generate import LedgerFactory, VLLMGenerator
 from pipelines.stages.parse import parse_batch
 from pipelines.stages.prompt import render_batch, task_instructions
 from pipelines.stages.read import InputPlan, read_dataset
+from pipelines.stages.standin import StandInEngine
 from pipelines.stages.write import reject_schema, result_schema, write_batch
 
 
@@ -130,6 +131,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         VLLMGenerator,
         fn_constructor_kwargs={
             "profile": engine.model_dump(mode="json"),
+            "engine": StandInEngine if engine.backend == "stand-in" else EngineClient,
             "sampling": spec.sampling.model_dump(mode="json"),
             "ledger": ledger,
             "adapter": adapter,
