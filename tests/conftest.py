@@ -284,7 +284,7 @@ STAND_IN_PROFILE = {"name": "stand-in", "model": "stand-in", "device": "cpu",
 
 
 def stand_in_engine(llm=None):
-    """An engine factory for `VLLMGenerator(engine=...)`: the real `EngineClient` around a stand-in `LLM`."""
+    """An engine factory for `GenerateStage(engine=...)`: the real `EngineClient` around a stand-in `LLM`."""
     from pipelines.stages.engine import EngineClient
 
     def factory(profile, **kwargs):
@@ -296,9 +296,9 @@ def stand_in_engine(llm=None):
 def stand_in_generator(llm=None, **kwargs):
     """The generate stage on a stand-in engine, with the job's other arguments as given."""
     from pipelines.config.job import SamplingSpec
-    from pipelines.stages.generate import VLLMGenerator
+    from pipelines.stages.generate import GenerateStage
 
-    return VLLMGenerator(profile=STAND_IN_PROFILE, sampling=SamplingSpec().model_dump(), engine=stand_in_engine(llm),
+    return GenerateStage(profile=STAND_IN_PROFILE, sampling=SamplingSpec().model_dump(), engine=stand_in_engine(llm),
                          **kwargs)
 
 

@@ -50,8 +50,8 @@ class LedgerFactory(Protocol):
     def __call__(self, *, profile: str) -> Ledger: ...
 
 
-class VLLMGenerator:
-    """A Ray Data callable class: one engine replica.
+class GenerateStage:
+    """The generate stage, a Ray Data callable class: one engine replica.
 
     Rows that already carry an `error_code` are not sent to the engine. Adds
     `output_text`, `finish_reason`, `completion_tokens`, `cached_prompt_tokens`,
@@ -246,7 +246,7 @@ class VLLMGenerator:
         result = result.append_column("generated_at", pa.array(col("generated_at"), pa.timestamp("us", tz="UTC")))
         result = result.append_column("cached", pa.array(from_cache, pa.bool_()))
         result = result.append_column("cache_key", pa.array(keys, pa.string()))
-        assert result.num_rows == n, "VLLMGenerator must map each row to exactly one row"
+        assert result.num_rows == n, "GenerateStage must map each row to exactly one row"
         return result
 
 

@@ -17,7 +17,7 @@ from pipelines.models.adapters import Adapter, adapter_identity
 from pipelines.schema import task_fields
 from pipelines.stages.account import account_batch
 from pipelines.stages.engine import EngineClient, actor_env, structured_outputs
-from pipelines.stages.generate import LedgerFactory, VLLMGenerator
+from pipelines.stages.generate import LedgerFactory, GenerateStage
 from pipelines.stages.parse import parse_batch
 from pipelines.stages.prompt import render_batch, task_instructions
 from pipelines.stages.read import InputPlan, read_dataset
@@ -128,7 +128,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
-        VLLMGenerator,
+        GenerateStage,
         fn_constructor_kwargs={
             "profile": engine.model_dump(mode="json"),
             "engine": StandInEngine if engine.backend == "stand-in" else EngineClient,

@@ -209,7 +209,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     wait_for(results_written(1), proc)
     assert kill("VLLM::EngineCore") == 1  # the engine process: the replica starts a new engine
     wait_for(results_written(4), proc)
-    assert kill("MapWorker(MapBatches(VLLMGenerator))") >= 1  # the whole replica: Ray restarts it
+    assert kill("MapWorker(MapBatches(GenerateStage))") >= 1  # the whole replica: Ray restarts it
     assert proc.wait(timeout=600) == 0, proc.log.read_text()[-3000:]
     check_run(client, run, expected)
 

@@ -18,7 +18,7 @@ def start(title):
     return subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 30"])
 
 helpers = [start(t) for t in ("ray::_StatsActor", "ray::ActorLocationTracker", "ray::DashboardAgent")]
-engine = start("ray::MapWorker(MapBatches(VLLMGenerator))")
+engine = start("ray::MapWorker(MapBatches(GenerateStage))")
 pooled = start("ray::IDLE")
 time.sleep(0.5)
 first = yield_to_workers()
