@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import threading
+import time
 from typing import Any, Callable
 
 RAY_CHECKED = "2.60.0"
@@ -22,6 +24,8 @@ RAY_DATA_NODE_POLLS = tuple(("ray.data._internal.execution.operators.actor_pool_
                             for name in ("get_draining_nodes", "get_actor_locations"))
 RAY_DATA_TIMED_CACHE = ("ray.data._internal.utils.cache", "timed_cache")
 VLLM_ENGINE_DEAD = ("vllm.v1.engine.exceptions", "EngineDeadError")
+VLLM_SYNC_CLIENT = ("vllm.v1.engine.core_client", "SyncMPClient")
+VLLM_CLIENT_RESOURCES = ("vllm.v1.engine.core_client", "BackgroundResources")
 
 PRIVATE_NAMES: dict[str, tuple[str, str]] = {
     "ray_data_scheduler_wait": RAY_DATA_SCHEDULER_WAIT,
@@ -29,6 +33,8 @@ PRIVATE_NAMES: dict[str, tuple[str, str]] = {
     "ray_data_actor_locations": RAY_DATA_NODE_POLLS[1],
     "ray_data_timed_cache": RAY_DATA_TIMED_CACHE,
     "vllm_engine_dead_error": VLLM_ENGINE_DEAD,
+    "vllm_sync_client": VLLM_SYNC_CLIENT,
+    "vllm_client_resources": VLLM_CLIENT_RESOURCES,
 }
 
 
@@ -99,3 +105,31 @@ def slow_ray_data_node_polls(ttl_s: float) -> list[str]:
             setattr(pool, name, seldom)
             done.append(name)
     return done
+
+
+def wake_on_engine_death(llm: Any, poll_s: float = 0.5) -> bool:
+    """Make a `vllm.LLM` raise `EngineDeadError` when its engine core process dies, instead of waiting forever.
+
+    vLLM 0.32.0's synchronous client (`SyncMPClient`, checked) notices a dead
+    engine core (`resources.engine_dead`) and shuts its output thread down, but
+    that thread leaves without a word to `outputs_queue`, where `LLM.step` is
+    waiting: a killed engine core hangs its replica for good. A watcher puts the
+    error the client would have raised into that queue. It stops with the client.
+    Whether the client had the expected shape.
+    """
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    resources = getattr(core, "resources", None)
+    outputs = getattr(core, "outputs_queue", None)
+    finalizer = getattr(core, "_finalizer", None)
+    if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+        return False
+
+    def watch() -> None:
+        while not resources.engine_dead:
+            if finalizer is not None and not finalizer.alive:
+                return  # shut down cleanly
+            time.sleep(poll_s)
+        outputs.put_nowait(engine_dead_error()())
+
+    threading.Thread(target=watch, name="tokenmill-engine-death-watch", daemon=True).start()
+    return True

@@ -80,3 +80,27 @@ def test_no_module_but_compat_imports_a_private_ray_or_vllm_module():
     assert {k: v for k, v in offenders.items() if v} == {}
     assert not [p for p in PACKAGE.rglob("*.py") if p.name != "compat.py" and "_internal" in p.read_text()]
     assert _private_imports(PACKAGE / "compat.py") == [] and "ray.data._internal" in (PACKAGE / "compat.py").read_text()
+
+
+def test_the_dead_engine_watch_finds_the_client_shape_it_relies_on():
+    """`wake_on_engine_death` reads `resources.engine_dead` and feeds `outputs_queue` of vLLM's sync client."""
+    import dataclasses
+    import inspect
+
+    from vllm.v1.engine.core_client import BackgroundResources, SyncMPClient
+
+    assert "engine_dead" in {f.name for f in dataclasses.fields(BackgroundResources)}
+    assert "self.outputs_queue = queue.Queue" in inspect.getsource(SyncMPClient.__init__)
+    assert "self.outputs_queue.get()" in inspect.getsource(SyncMPClient.get_output)
+
+
+def test_the_dead_engine_watch_raises_in_the_waiting_caller(monkeypatch):
+    import queue
+    from types import SimpleNamespace
+
+    resources = SimpleNamespace(engine_dead=False)
+    core = SimpleNamespace(resources=resources, outputs_queue=queue.Queue(), _finalizer=SimpleNamespace(alive=True))
+    assert compat.wake_on_engine_death(SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core)), poll_s=0.01)
+    resources.engine_dead = True
+    assert isinstance(core.outputs_queue.get(timeout=5), compat.engine_dead_error())
+    assert not compat.wake_on_engine_death(SimpleNamespace(llm_engine=None))  # not vLLM's shape: nothing to watch

@@ -368,7 +368,7 @@ class EngineClient:
             if self.llm is not None:
                 return False
             started = time.perf_counter()
-            self.llm = self._make()
+            self.llm = self._new_engine()
             self.engine_start_s = time.perf_counter() - started
             if self._on_ready is not None:
                 self._on_ready(self.engine_start_s, dtype=self.dtype)
@@ -411,7 +411,13 @@ class EngineClient:
         self.loop.fail_all(RuntimeError("engine replaced after a failure"))
         self.shutdown()
         log.warning("engine %s died; starting a new one", self.profile.name)
-        self.llm = self._make()
+        self.llm = self._new_engine()
+
+    def _new_engine(self) -> Any:
+        llm = self._make()
+        # Without it, vLLM 0.32's client waits forever on an engine core that was killed (an OOM, a node's kill).
+        compat.wake_on_engine_death(llm)
+        return llm
 
     def _isolate(self, idx: list[int], prompts: list, params: list, images: list | None,
                  budget: list[int], retry_whole: bool = True) -> tuple[dict[int, Any], dict[int, str]]:

@@ -17,7 +17,7 @@ from pipelines.models.adapters import Adapter, adapter_identity
 from pipelines.schema import task_fields
 from pipelines.stages.account import account_batch
 from pipelines.stages.engine import EngineClient, actor_env, structured_outputs
-from pipelines.stages.generate import LedgerFactory, GenerateStage
+from pipelines.stages.generate import GenerateStage, LedgerFactory
 from pipelines.stages.parse import parse_batch
 from pipelines.stages.prompt import render_batch, task_instructions
 from pipelines.stages.read import InputPlan, read_dataset

@@ -90,7 +90,7 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert "no engine started" in printed and "cpu-smollm2" in printed
 
-    caplog.set_level(logging.INFO, logger="pipelines.run.runner")
+    caplog.set_level(logging.INFO, logger="pipelines.run.progress")
     assert main(["run", str(JOB), *sets, "--run-id", "t", "--no-progress"]) == 0
     capsys.readouterr()
     # The progress line: records of the total, tokens, tokens/s and dollars so far.
