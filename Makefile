@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.tokenmill-installed-$(ENGINE)
 
-.PHONY: install model demo test bench clean browser airflow
+.PHONY: install model demo test test-fast bench clean browser airflow
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ test: model browser airflow
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
+
+# What needs no vLLM engine: the contracts, the type checker and the tests not marked `engine`.
+test-fast: model
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -m "not engine"
 
 bench: model
 	$(VENV)/bin/tokenmill bench throughput
