@@ -47,11 +47,11 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
         return
     port = free_port()
     address = f"127.0.0.1:{port}"
-    ray_cli = str(Path(sys.executable).parent / "ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
-    def ready() -> bool:
-        return subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True).returncode == 0
+    def ready() -> bool:  # `ray start --block` says so once the head's processes are up
+        log = temp / "ray-start.log"
+        return log.is_file() and "Ray runtime started" in log.read_text(errors="replace")
 
     with ray_head(temp, [f"--port={port}", f"--num-cpus={os.cpu_count() or 2}", "--include-dashboard=false"],
                   env=env, ready=ready, timeout_s=start_timeout_s):
