@@ -203,7 +203,7 @@ def ray_head(s3_server, tmp_path_factory):
         except Exception:  # noqa: BLE001 - not up yet
             return False
 
-    with cluster.ray_head(temp, [*ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+    with cluster.ray_head(temp, ["--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                          "--include-dashboard=true", "--num-cpus=4"], env=env, ready=ready):
         yield {"address": address, "temp": temp}
 

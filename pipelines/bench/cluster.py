@@ -45,8 +45,11 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
     if ray.is_initialized():
         yield RunningCluster(ray.get_runtime_context().gcs_address, "the cluster this process is connected to")
         return
+    from ray.util import get_node_ip_address
+
     port = free_port()
-    address = f"127.0.0.1:{port}"
+    # Ray names a local head by the node's address, not 127.0.0.1: a driver that joins dials that one.
+    address = f"{get_node_ip_address()}:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
     def ready() -> bool:  # `ray start --block` says so once the head's processes are up
@@ -61,7 +64,7 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
 @contextlib.contextmanager
 def ray_head(temp: Path, args: Sequence[str], *, env: dict[str, str], ready: Callable[[], bool],
              timeout_s: float = 120.0) -> Iterator[subprocess.Popen]:
-    """`ray start --head --block` on 127.0.0.1 with its own temp folder, until `ready()`; stopped on leaving.
+    """`ray start --head --block` with its own temp folder, until `ready()`; stopped on leaving.
 
     `--block` keeps it in the foreground, in a process group of its own, so one signal stops the whole head
     (`ray stop` would stop every Ray cluster on the machine); the processes that leave the group (the
@@ -71,7 +74,7 @@ def ray_head(temp: Path, args: Sequence[str], *, env: dict[str, str], ready: Cal
     ray_cli = str(Path(sys.executable).parent / "ray")
     log = open(temp / "ray-start.log", "wb")
     proc = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *args, f"--temp-dir={temp}",
+        [ray_cli, "start", "--head", "--block", *args, f"--temp-dir={temp}",
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
