@@ -24,6 +24,7 @@ def free_port() -> int:
 class RunningCluster:
     address: str
     how: str  # where it came from, for the report
+    driver_env: dict[str, str] = dataclasses.field(default_factory=dict)  # what a driver needs to join it
 
 
 @contextlib.contextmanager
@@ -50,7 +51,10 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
     port = free_port()
     # Ray names a local head by the node's address, not 127.0.0.1: a driver that joins dials that one.
     address = f"{get_node_ip_address()}:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray 2.60 turns token authentication on for a head where a token exists (~/.ray/auth_token); a driver
+    # sends its token only in token mode. Both are told, so the head is the same whether or not one exists.
+    auth = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **auth}
 
     def ready() -> bool:  # `ray start --block` says so once the head's processes are up
         log = temp / "ray-start.log"
@@ -58,7 +62,7 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
 
     with ray_head(temp, [f"--port={port}", f"--num-cpus={os.cpu_count() or 2}", "--include-dashboard=false"],
                   env=env, ready=ready, timeout_s=start_timeout_s):
-        yield RunningCluster(address, "a head the bench started (ray start --head)")
+        yield RunningCluster(address, "a head the bench started (ray start --head)", driver_env=auth)
 
 
 @contextlib.contextmanager

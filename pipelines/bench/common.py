@@ -86,7 +86,7 @@ def prompt_ids(job: Job, table: pa.Table, tokenizer_path: str) -> list[list[int]
 
 
 def run_child(job: Job, workdir: Path, mode: str, payload: dict[str, Any], result: Callable[..., T], *,
-              engine_in_child: bool, ray_address: str | None = None) -> T:
+              engine_in_child: bool, ray_address: str | None = None, env_vars: dict[str, str] | None = None) -> T:
     """Run one side (`mode`, see `pipelines.bench.__main__`) in a child process; its figures as `result(**json)`.
 
     `engine_in_child`: the engine runs in the child itself and gets the engine
@@ -104,6 +104,7 @@ def run_child(job: Job, workdir: Path, mode: str, payload: dict[str, Any], resul
         env.update(actor_env(job.engine))
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
+    env.update(env_vars or {})
     proc = subprocess.run([sys.executable, "-m", "pipelines.bench", str(args_file)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.is_file():

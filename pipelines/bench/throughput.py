@@ -320,6 +320,8 @@ def run_throughput(job_path: Path, *, overrides: Sequence[str] = (), engine_over
                         figures[side] = run_child(job, workdir, "pipeline", {**pipeline, "run_id": f"{side}-{r}"},
                                                   SideFigures, engine_in_child=False,
                                                   ray_address=joined.address if joined and side == "pipeline_cluster"
+                                                  else None,
+                                                  env_vars=joined.driver_env if joined and side == "pipeline_cluster"
                                                   else None)
                     elif side == "ray_data_llm":
                         figures[side] = run_child(job, workdir, side, {
