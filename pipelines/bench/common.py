@@ -27,8 +27,9 @@ from pipelines.stages.read import plan_input
 
 T = TypeVar("T")
 
-# Every throughput figure comes from exactly `max_tokens` tokens per prompt, greedily.
+
 def fixed_sampling(max_tokens: int) -> list[str]:
+    """Overrides that make every side generate exactly `max_tokens` tokens per prompt, greedily."""
     return [f"sampling.max_tokens={max_tokens}", "sampling.ignore_eos=true", "sampling.temperature=0"]
 
 
