@@ -108,6 +108,9 @@ class EngineProfile(BaseModel):
     backend: Literal["vllm", "stand-in"] = Field(
         "vllm", description="`vllm`, or `stand-in`: a deterministic engine without a model that answers from the "
         "prompt's token ids (`pipelines.stages.standin`), for testing everything around the engine quickly.")
+    stand_in_s_per_request: float = Field(
+        0.0, ge=0, description="`backend: stand-in` only: seconds the stand-in spends per request it answers, so "
+        "that a test can act while a run is still generating (kill a driver mid-run, watch progress).")
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     engine_args: EngineArgs
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for the engine actors.")
@@ -137,6 +140,8 @@ class EngineProfile(BaseModel):
                 f"resources.num_gpus is {self.resources.num_gpus:g} but tensor_parallel_size x "
                 f"pipeline_parallel_size is {gpus_needed}: one replica needs exactly that many GPUs"
             )
+        if self.stand_in_s_per_request and self.backend != "stand-in":
+            raise ValueError("stand_in_s_per_request is for `backend: stand-in` only")
         if self.device == "cpu" and (self.resources.num_gpus or gpus_needed != 1):
             raise ValueError("a cpu profile takes no GPUs and no tensor or pipeline parallelism")
         return self

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -69,6 +70,7 @@ class StandInEngine:
     def generate(self, prompts: list[list[int]], params: list, images: list | None = None
                  ) -> tuple[dict[int, Any], dict[int, str]]:
         self.start()
+        time.sleep(self.profile.stand_in_s_per_request * len(prompts))
         done: dict[int, Any] = {}
         failed: dict[int, str] = {}
         for i, (ids, p) in enumerate(zip(prompts, params)):

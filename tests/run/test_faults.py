@@ -1,4 +1,6 @@
-"""Faults on the real stack (SeaweedFS S3, Ray, vLLM): killed drivers and engines, and every kind of bad input.
+"""Faults on the real stack (SeaweedFS S3, Ray, real processes killed): killed drivers and engines, and every kind
+of bad input. The engine's own faults are on vLLM; the driver's, and the circuit breaker, on the stand-in engine,
+since what they test (commit, resume, the breaker) lives in the driver.
 
 However a run is interrupted, resuming it ends with every input id exactly once
 in the committed results and rejects, bad shards quarantined with their reason,
@@ -74,10 +76,13 @@ def make_input(client, prefix: str, good_shards: int = 6, rows: int = 10) -> dic
             "quarantined": {"part-901-truncated.parquet": "unreadable", "part-902-float-body.parquet": "schema"}}
 
 
-def overrides(prefix: str, run: str) -> list[str]:
+def overrides(prefix: str, run: str, *, stand_in: bool = False) -> list[str]:
+    """The run's arguments; `stand_in`: the stand-in engine at a pace that leaves time to strike mid-run, for
+    faults of the driver (the engine is not what they test; `test_engine_and_actor_killed_mid_run` is on vLLM)."""
     sets = [f"input.path=s3://{BUCKET}/{prefix}/", f"output.path=s3://{BUCKET}/out/", "sampling.max_tokens=12",
             "batch_size=4", "failures.max_share=0.5"]
-    return ["--run-id", run, "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    engine = ["--set", "engine=stand-in", "--engine-set", "stand_in_s_per_request=0.05"] if stand_in else []
+    return ["--run-id", run, "--no-progress", *[a for s in sets for a in ("--set", s)], *engine]
 
 
 def keys(client, prefix: str) -> list[str]:
@@ -140,7 +145,6 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.engine
 @pytest.mark.parametrize("moments", [("reading",), ("generating", "committing")], ids="-then-".join)
 def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, moments, tmp_path, capsys):
     """Each moment kills a driver; the next moment's driver resumes the run the last one left, and so does the
@@ -165,13 +169,13 @@ def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, moments, tm
         return sum("/_manifests/" in k for k in keys(client, root)) >= 4
 
     for moment in moments:
-        proc = driver(overrides(prefix, run), tmp_path / f"driver-{moment}.log")
+        proc = driver(overrides(prefix, run, stand_in=True), tmp_path / f"driver-{moment}.log")
         wait_for({"reading": reading, "generating": generating, "committing": committing}[moment], proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert f"{root}_SUCCESS" not in keys(client, root)
 
-    assert main(["run", str(JOB), *overrides(prefix, run)]) == 0, capsys.readouterr().err[-3000:]
+    assert main(["run", str(JOB), *overrides(prefix, run, stand_in=True)]) == 0, capsys.readouterr().err[-3000:]
     summary = check_run(client, run, expected)
     if "committing" in moments:
         assert summary["resumed"] and summary["shards_redone"] < 7, "committed shards were redone"
@@ -214,7 +218,6 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     check_run(client, run, expected)
 
 
-@pytest.mark.engine
 def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_env, model_path, capsys):
     client = s3_env.client()
     try:
@@ -227,7 +230,7 @@ def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_en
     blank = tickets.slice(20, 20)
     put_table(client, "in-breaker/part-2.parquet",
               blank.set_column(blank.schema.get_field_index("body"), "body", pa.array([" "] * 20)))
-    args = overrides("in-breaker", "breaker")
+    args = overrides("in-breaker", "breaker", stand_in=True)
     strict = [*args, "--set", "failures.max_share=0.3", "--set", "failures.min_records=10"]
     assert main(["run", str(JOB), *strict]) == 6
     err = capsys.readouterr().err
