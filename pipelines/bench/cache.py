@@ -38,7 +38,7 @@ def run_cache(job_path: Path, *, overrides: Sequence[str] = (), engine_overrides
                 *overrides, *fixed, f"input.path={workdir / folder}", f"output.path={workdir / 'out'}",
                 f"cache.path={workdir / 'cache'}"])
             summary = run_job(job, run_id=f"bench-cache-{name}", progress=False)
-            results = pl.concat([pl.read_parquet(f) for f in summary["output"]["results"]])
+            results = pl.concat([pl.read_parquet(f) for f in summary.output.results])
             runs[name] = {"summary": summary, "results": results}
     id_col = job.spec.id_column
     first, second = runs["first"]["results"], runs["second"]["results"]
@@ -49,11 +49,11 @@ def run_cache(job_path: Path, *, overrides: Sequence[str] = (), engine_overrides
     out: dict[str, Any] = {"job": job.spec.name, "engine": job.engine.name, "rows": rows, "max_tokens": max_tokens}
     for name, run in runs.items():
         s = run["summary"]
-        busy = s["wall_s"] - (s["engine_start_s"] or 0)
-        out[name] = {"wall_s": s["wall_s"], "engine_start_s": s["engine_start_s"], "records": s["records_out"],
-                     "records_cached": (s["cache"] or {}).get("records", 0),
-                     "saved_usd": (s["cache"] or {}).get("saved_usd"), "cost_usd": s["cost"]["total_usd"],
-                     "records_per_s": s["records_out"] / busy, "records_per_s_with_startup": s["records_out"] / s["wall_s"]}
+        busy = s.wall_s - (s.engine_start_s or 0)
+        out[name] = {"wall_s": s.wall_s, "engine_start_s": s.engine_start_s, "records": s.records_out,
+                     "records_cached": (s.cache or {}).get("records", 0),
+                     "saved_usd": (s.cache or {}).get("saved_usd"), "cost_usd": s.cost["total_usd"],
+                     "records_per_s": s.records_out / busy, "records_per_s_with_startup": s.records_out / s.wall_s}
     out["repeated_records"] = repeated.height
     out["repeated_cached"] = int(repeated["cached"].sum())
     out["repeated_identical_except_cached"] = bool(joined)

@@ -157,8 +157,8 @@ def _pipeline_run(job_path: Path, overrides: Sequence[str], engine_overrides: Se
         summary = run_job(job, run_id="calibrate", progress=False)
         fs, root = filesystem_for(str(workdir / "output" / "calibrate"), job.spec.storage.resolved())
         engine = EngineStats.from_ledger(read_ledger(fs, root))
-    return {"records": summary["records_out"], "prompt_tokens": summary["prompt_tokens"],
-            "cached_prompt_tokens": summary["cached_prompt_tokens"], "completion_tokens": summary["completion_tokens"],
+    return {"records": summary.records_out, "prompt_tokens": summary.prompt_tokens,
+            "cached_prompt_tokens": summary.cached_prompt_tokens, "completion_tokens": summary.completion_tokens,
             "replicas": engine.replicas, "replica_s": engine.replica_s, "busy_s": engine.busy_s,
             "engine_start_s": max(engine.engine_start_s or [0.0])}
 

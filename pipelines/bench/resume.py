@@ -34,10 +34,10 @@ def run_resume(job_path: Path, *, overrides: Sequence[str] = (), engine_override
         "engine": job.engine.name,
         "rows": rows,
         "first_run_s": first_s,
-        "first_run_engine_replicas": first["engine_replicas"],
-        "first_run_output_tokens": first["completion_tokens"],
+        "first_run_engine_replicas": first.engine_replicas,
+        "first_run_output_tokens": first.completion_tokens,
         "resume_s": again_s,
-        "resume_shards_redone": again["shards_redone"],
+        "resume_shards_redone": again.shards_redone,
         "ratio_resume_to_first": again_s / first_s,
     }
 

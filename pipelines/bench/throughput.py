@@ -122,10 +122,10 @@ def pipeline_side(args: dict) -> None:
         driver_cpu_s=round(cpu_s("self") - cpu0, 2), actor_cpu_s=sum(e.get("actor_cpu_s") or 0 for e in ledger),
         ray_cpu_s=_ray_processes_cpu_s())
     write_result(args, SideFigures(
-        requests=summary["records_out"], output_tokens=summary["completion_tokens"],
-        prompt_tokens=summary["prompt_tokens"], wall_s=summary["wall_s"],
-        steady_s=summary["completion_tokens"] / summary["steady_output_tokens_per_s"],
-        engine_start_s=summary["engine_start_s"], driver_peak_rss_mb=round(vm_hwm_mb("self"), 1),
+        requests=summary.records_out, output_tokens=summary.completion_tokens,
+        prompt_tokens=summary.prompt_tokens, wall_s=summary.wall_s,
+        steady_s=summary.completion_tokens / (summary.steady_output_tokens_per_s or float("nan")),
+        engine_start_s=summary.engine_start_s, driver_peak_rss_mb=round(vm_hwm_mb("self"), 1),
         actor_peak_rss_mb=max((e.get("actor_peak_rss_mb") or 0) for e in ledger),
         engine_peak_rss_mb=max((e.get("engine_peak_rss_mb") or 0) for e in ledger),
         profile=dataclasses.asdict(profile)))

@@ -7,9 +7,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pipelines.errors import ConfigError, TokenmillError
+
+if TYPE_CHECKING:  # the commands import the runtime when they run, so that `tokenmill --help` stays quick
+    from pipelines.run.summary import RunSummary
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -125,7 +128,8 @@ def cost_line(s: dict[str, Any]) -> str:
     return line
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_summary(summary: RunSummary) -> str:
+    s = summary.to_json()
     def num(v: Any, fmt: str = ",") -> str:
         return "-" if v is None else format(v, fmt)
 
@@ -161,7 +165,7 @@ def format_summary(s: dict[str, Any]) -> str:
     elif q and "fields" in q:
         rates = ", ".join(f"{k} {num(v['exact_match_rate'], '.3f')}" for k, v in q["fields"].items())
         rows.append(("exact match", rates))
-    if "output_file" in s["output"]:
+    if s["output"]["output_file"] is not None:
         rows.append(("OpenAI batch files", f"{s['output']['output_lines']:,} in {s['output']['output_file']}, "
                                            f"{s['output']['error_lines']:,} in {s['output']['error_file']}"))
     width = max(len(k) for k, _ in rows)
@@ -176,10 +180,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    engine_overrides=args.engine_overrides)
     summary = run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume)
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary.to_json(), indent=2))
     else:
         print("\ntokenmill run summary\n" + format_summary(summary))
-    return 0 if summary["records_out"] + summary["records_rejected"] == summary["records_in"] else 1
+    return 0 if summary.records_out + summary.records_rejected == summary.records_in else 1
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -317,7 +321,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     summary = rebuild(args.run_path)
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary.to_json(), indent=2))
     else:
         print("\ntokenmill run summary (rebuilt from the committed results)\n" + format_summary(summary))
     return 0

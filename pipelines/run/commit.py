@@ -73,6 +73,29 @@ class Manifest(BaseModel):
     message: str | None = None
 
 
+class Success(BaseModel):
+    """`_SUCCESS`: the run finished; written last, after `summary.json`. Its files and counts let a reader that
+    trusts only markers (an Airflow sensor, a downstream job) find the results without the summary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    results: list[str]
+    rejects: list[str]
+    records_in: int
+    records_out: int
+    records_rejected: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    started_at: str
+    finished_at: str
+    wall_s: float
+    resumed: bool
+    shards_redone: int
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -98,6 +121,14 @@ def read_run_record(fs, run_root: str) -> RunRecord | None:
 def create_run_record(fs, run_root: str, record: RunRecord) -> bool:
     """Write `_run.json` unless it exists (an exclusive create): whether this attempt created the run."""
     return write_json_atomic(fs, join(run_root, RUN_FILE), record.model_dump(mode="json"), exclusive=True)
+
+
+def read_success(fs, run_root: str) -> Success | None:
+    return _read_model(Success, fs, join(run_root, SUCCESS))
+
+
+def write_success(fs, run_root: str, success: Success) -> None:
+    write_json_atomic(fs, join(run_root, SUCCESS), success.model_dump(mode="json"))
 
 
 def read_manifests(fs, run_root: str) -> dict[str, Manifest]:

@@ -22,11 +22,11 @@ import pyarrow as pa
 from pipelines.config.engine import EngineProfile
 from pipelines.config.load import Job, load_engine, load_price_book
 from pipelines.errors import ConfigError
-from pipelines.io.storage import filesystem_for, join, read_json
+from pipelines.io.storage import filesystem_for, join
 from pipelines.models import resolve_engine_paths
 from pipelines.run.commit import read_run_record
 from pipelines.run.cost import hosted_comparison
-from pipelines.run.report import SUMMARY_FILE
+from pipelines.run.summary import RunSummary, read_summary
 from pipelines.stages.account import tokens_cost
 from pipelines.stages.processor import prompt_kwargs
 from pipelines.stages.prompt import load_tokenizer, render_batch
@@ -46,7 +46,7 @@ def _shared_prefix(a: list[int], b: list[int], block: int) -> int:
     return n // block * block
 
 
-def previous_run(job: Job) -> dict | None:
+def previous_run(job: Job) -> RunSummary | None:
     """The latest finished run of this job on this engine profile under `output.path`, as its summary."""
     storage = job.spec.storage.resolved()
     fs, root = filesystem_for(job.spec.output.path, storage)
@@ -61,9 +61,13 @@ def previous_run(job: Job) -> dict | None:
             continue
         if state is None or state.job != job.spec.name:
             continue
-        summary = read_json(fs, join(folder, SUMMARY_FILE))
-        if summary and summary.get("engine") == job.engine.name and summary.get("records_out"):
-            if best is None or summary["finished_at"] > best["finished_at"]:
+        try:
+            summary = read_summary(fs, folder)
+        except ConfigError as exc:
+            log.info("plan: skipping %s: %s", folder, exc)
+            continue
+        if summary and summary.engine == job.engine.name and summary.records_out:
+            if best is None or summary.finished_at > best.finished_at:
                 best = summary
     return best
 
@@ -145,13 +149,13 @@ def distribution(values: list[int]) -> dict[str, float] | None:
             "mean": round(statistics.fmean(ordered), 2)}
 
 
-def output_estimate(job: Job, counts: dict, previous: dict | None) -> dict[str, Any]:
+def output_estimate(job: Job, counts: dict, previous: RunSummary | None) -> dict[str, Any]:
     """Output tokens per generated record: the bound `max_tokens` sets, and the best estimate there is."""
     n = counts["generated"]
     out: dict[str, Any] = {"upper_bound_total": counts["max_tokens_total"]}
     if previous:
-        mean = previous["completion_tokens"] / previous["records_out"]
-        out.update(basis=f"observed in run {previous['run_id']}", mean_per_record=round(mean, 3))
+        mean = previous.completion_tokens / previous.records_out
+        out.update(basis=f"observed in run {previous.run_id}", mean_per_record=round(mean, 3))
     elif job.spec.task == "classify" and job.spec.classify is not None:
         tokenizer = load_tokenizer(counts["tokenizer_path"])
         # The label's tokens and the end-of-sequence token, averaged over the labels.
@@ -201,9 +205,9 @@ def plan_job(job: Job, *, sample: int | None = None, deadline_s: float | None = 
     output = output_estimate(job, counts, previous)
     scale = counts["scale"]
     prompt = round(counts["prompt_tokens"] * scale)
-    if previous and previous.get("prompt_tokens"):
-        cached = round(prompt * previous["cached_prompt_tokens"] / previous["prompt_tokens"])
-        cached_basis = f"observed in run {previous['run_id']}"
+    if previous and previous.prompt_tokens:
+        cached = round(prompt * previous.cached_prompt_tokens / previous.prompt_tokens)
+        cached_basis = f"observed in run {previous.run_id}"
     else:
         cached = round(counts["cached_prompt_tokens_estimate"] * scale)
         cached_basis = f"prompts' shared prefixes in {job.engine.kv_block_size}-token blocks"
@@ -233,7 +237,7 @@ def plan_job(job: Job, *, sample: int | None = None, deadline_s: float | None = 
         "cached_prompt_tokens_estimate": cached,
         "cached_basis": cached_basis,
         "output_tokens": {**output, "total": out_total},
-        "previous_run": previous["run_id"] if previous else None,
+        "previous_run": previous.run_id if previous else None,
         "deadline_s": deadline_s,
         "profiles": estimates,
         "cost_mode": job.spec.cost.mode,

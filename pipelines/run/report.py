@@ -20,16 +20,15 @@ import polars as pl
 from pipelines.config.load import job_from_snapshot
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError
-from pipelines.io.storage import filesystem_for, join, read_json, write_json_atomic
-from pipelines.run.commit import RUN_FILE, SUCCESS, read_manifests, read_run_record
+from pipelines.io.storage import filesystem_for, join
+from pipelines.run.commit import RUN_FILE, read_manifests, read_run_record, read_success
 from pipelines.run.ledger import EngineStats, read_ledger
-from pipelines.run.summary import scan_results, summarize
+from pipelines.run.summary import RunSummary, read_summary, scan_results, summarize, write_summary
 
-SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 
 
-def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> dict[str, Any]:
+def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> RunSummary:
     """Recompute a finished (or partly committed) run's summary from its folder; write `summary.json` and
     `report.html` there; return the summary."""
 
@@ -49,26 +48,29 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> dict[str
     job = dataclasses.replace(job, spec=spec)
     # Figures of the attempts themselves (times, resumes) are not in the results: kept from the summary, or
     # from `_SUCCESS` when the summary is gone.
-    earlier = read_json(fs, join(root, SUMMARY_FILE)) or read_json(fs, join(root, SUCCESS)) or {}
-    started = earlier.get("started_at") or state.created_at
+    earlier = read_summary(fs, root)
+    marker = read_success(fs, root)
+    attempts = earlier or marker
     summary = summarize(job, run_id, read_manifests(fs, root), storage.resolved(), adapter=None,
-                        engine=EngineStats.from_ledger(read_ledger(fs, root)), wall=earlier.get("wall_s") or 0.0,
-                        started_at=dt.datetime.fromisoformat(started), resumed=earlier.get("resumed", False),
-                        shards_redone=earlier.get("shards_redone", 0))
-    for key in ("lora", "finished_at"):
-        if key in earlier:
-            summary[key] = earlier[key]
-    for key in ("output_file", "output_lines", "error_file", "error_lines"):
-        if key in earlier.get("output", {}):
-            summary["output"][key] = earlier["output"][key]
+                        engine=EngineStats.from_ledger(read_ledger(fs, root)),
+                        wall=attempts.wall_s if attempts else 0.0,
+                        started_at=dt.datetime.fromisoformat(attempts.started_at if attempts else state.created_at),
+                        resumed=attempts.resumed if attempts else False,
+                        shards_redone=attempts.shards_redone if attempts else 0)
+    if attempts is not None:
+        summary.finished_at = attempts.finished_at
+    if earlier is not None:  # what only the summary kept: the adapter, and the OpenAI batch files
+        summary.lora = earlier.lora
+        summary.output = summary.output.model_copy(update=earlier.output.model_dump(
+            include={"output_file", "output_lines", "error_file", "error_lines"}))
     write_report(fs, root, summary, storage.resolved())
     return summary
 
 
-def write_report(fs, root: str, summary: dict[str, Any], storage: StorageOptions) -> None:
+def write_report(fs, root: str, summary: RunSummary, storage: StorageOptions) -> None:
     """`summary.json` and `report.html` in the run's folder."""
-    write_json_atomic(fs, join(root, SUMMARY_FILE), summary)
-    results = scan_results(summary["output"]["results"], storage)
+    write_summary(fs, root, summary)
+    results = scan_results(summary.output.results, storage)
     page = render_html(summary, results)
     with fs.open(join(root, REPORT_FILE), "wb") as f:
         f.write(page.encode())
@@ -140,7 +142,7 @@ def label_cost_plot(by_label: dict[str, dict]) -> str:
     return _png(fig)
 
 
-def plots(summary: dict[str, Any], results: pl.LazyFrame | None) -> list[tuple[str, str]]:
+def plots(summary: RunSummary, results: pl.LazyFrame | None) -> list[tuple[str, str]]:
     """(title, PNG data URI) for each plot the run has data for."""
     if results is None:
         return []
@@ -150,10 +152,10 @@ def plots(summary: dict[str, Any], results: pl.LazyFrame | None) -> list[tuple[s
                                                      "Prompt tokens per record", "#805ad5")),
         ("Completion tokens per record", token_histogram(tokens["completion_tokens"].drop_nulls().to_list(),
                                                          "Completion tokens per record", "#dd6b20")),
-        ("Throughput over the run", throughput_plot(throughput_series(results, summary.get("started_at")))),
+        ("Throughput over the run", throughput_plot(throughput_series(results, summary.started_at))),
     ]
-    if summary.get("by_label"):
-        out.append(("Cost by label", label_cost_plot(summary["by_label"])))
+    if summary.by_label:
+        out.append(("Cost by label", label_cost_plot(summary.by_label)))
     return out
 
 
@@ -209,9 +211,9 @@ def cost_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def render_html(summary: dict[str, Any], results: pl.LazyFrame | None) -> str:
+def render_html(summary: RunSummary, results: pl.LazyFrame | None) -> str:
     """The report page for a summary (`pipelines.run.summary.summarize`)."""
-    s = summary
+    s = summary.to_json()  # the page shows the summary as its readers know it, key by key
     e = html.escape
     totals = [("records in", _num(s["records_in"])), ("records generated", _num(s["records_out"])),
               ("ok", _num(s["records_ok"])), ("failed (generated, not parsed)", _num(s["records_out"] - s["records_ok"])),
@@ -245,7 +247,7 @@ def render_html(summary: dict[str, Any], results: pl.LazyFrame | None) -> str:
             for k, v in s["by_shard"].items()]))
     figures = "".join(
         f'<figure><img alt="{e(t)}" src="{uri}" onload="this.dataset.rendered=this.naturalWidth>0">'
-        f"<figcaption>{e(t)}</figcaption></figure>" for t, uri in plots(s, results))
+        f"<figcaption>{e(t)}</figcaption></figure>" for t, uri in plots(summary, results))
     sections.append(f'<h2>Plots</h2><div class="plots">{figures or "<p>No results to plot.</p>"}</div>')
     title = f"tokenmill run {s['run_id']}"
     return f"""<!DOCTYPE html>

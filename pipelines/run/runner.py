@@ -25,17 +25,19 @@ from pipelines.run.commit import (
     SUCCESS,
     Committer,
     RunRecord,
+    Success,
     committed_results,
     create_run_record,
     read_manifests,
     read_run_record,
     remove_uncommitted,
+    write_success,
 )
 from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
-from pipelines.run.report import SUMMARY_FILE, write_report
-from pipelines.run.summary import summarize
+from pipelines.run.report import write_report
+from pipelines.run.summary import RunSummary, read_summary, summarize
 from pipelines.stages.engine import vllm_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
 from pipelines.stages.read import InputPlan, find_duplicates, plan_input
@@ -64,7 +66,9 @@ def spec_fingerprint(job: Job) -> str:
     """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
     spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
                                                         "failures": True, "storage": True, "description": True})
-    payload = {"spec": spec, "engine": job.engine.model_dump(mode="json", exclude={"description"})}
+    # The stand-in's pace changes how long it takes, not what it answers.
+    engine = job.engine.model_dump(mode="json", exclude={"description", "stand_in_s_per_request"})
+    payload = {"spec": spec, "engine": engine}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -77,7 +81,7 @@ def default_run_id(job: Job, fingerprint: str) -> str:
     return f"{job.spec.name}-{leaf}-{fingerprint[:10]}"
 
 
-def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, resume: bool) -> dict | None:
+def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, resume: bool) -> RunSummary | None:
     """Start the run's record, or check an existing one may be resumed; the finished run's summary if any."""
     state = read_run_record(out_fs, run_root)
     where = join(job.spec.output.path, run_id)
@@ -99,11 +103,11 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
                           "--run-id")
     if out_fs.exists(join(run_root, SUCCESS)):
         log.info("run %s already finished; nothing to do", run_id)
-        return read_json(out_fs, join(run_root, SUMMARY_FILE))
+        return read_summary(out_fs, run_root)
     return None
 
 
-def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True) -> RunSummary:
     """Run a job end to end, or resume it; return its summary (also written as `summary.json`).
 
     Args:
@@ -122,7 +126,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     run_root = join(out_root, run_id)
     finished = _open_run(job, out_fs, run_root, run_id, fingerprint, resume)
     if finished is not None:
-        return {**finished, "resumed": True, "shards_redone": 0}
+        return finished.model_copy(update={"resumed": True, "shards_redone": 0})
     if isinstance(checked, InputPlan):
         plan = checked
     else:  # OpenAI batch request files: checked and staged as Parquet, then read like any input
@@ -195,15 +199,15 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,
                         started_at=started_at, resumed=resumed, shards_redone=len(todo.shards))
     if spec.output.format == "openai_batch":
-        batch = write_batch_files(summary["output"]["results"], summary["output"]["rejects"], out_fs, run_root,
+        batch = write_batch_files(summary.output.results, summary.output.rejects, out_fs, run_root,
                                   id_column=spec.id_column, run_id=run_id, created=int(started_at.timestamp()))
-        summary["output"].update(
+        summary.output = summary.output.model_copy(update=dict(
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
-            error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"])
+            error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
     write_report(out_fs, run_root, summary, storage)
-    write_json_atomic(out_fs, join(run_root, SUCCESS), {
-        "run_id": run_id, "results": summary["output"]["results"], "rejects": summary["output"]["rejects"],
-        **{k: summary[k] for k in ("records_in", "records_out", "records_rejected", "prompt_tokens",
-                                   "completion_tokens", "cost_usd", "started_at", "finished_at", "wall_s",
-                                   "resumed", "shards_redone")}})
+    write_success(out_fs, run_root, Success(
+        run_id=run_id, results=summary.output.results, rejects=summary.output.rejects,
+        **summary.model_dump(include={"records_in", "records_out", "records_rejected", "prompt_tokens",
+                                      "completion_tokens", "cost_usd", "started_at", "finished_at", "wall_s",
+                                      "resumed", "shards_redone"})))
     return summary

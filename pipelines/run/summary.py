@@ -1,4 +1,10 @@
-"""The run summary, computed from the written results so that it always agrees with them."""
+"""The run summary, computed from the written results so that it always agrees with them.
+
+`summary.json` is a `RunSummary`, written and read here only. Its top level is
+typed field by field; the sections built by their own functions (cost, cache,
+hosted comparison, quality, by shard, by label) stay JSON objects whose keys
+those functions and `docs/runs.md` define.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,131 @@ import logging
 from typing import Any
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.config.load import Job
 from pipelines.config.storage import StorageOptions
-from pipelines.io.storage import join, protocol_of, to_uri
+from pipelines.errors import ConfigError
+from pipelines.io.storage import join, protocol_of, read_json, to_uri, write_json_atomic
 from pipelines.run.commit import Manifest
 from pipelines.run.cost import cache_lines, cost_lines, hosted_comparison
 
 log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+# The summary's own version: a reader refuses a newer one rather than misread it.
+SUMMARY_SCHEMA_VERSION = 1
+
+
+class QuarantinedShard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    reason: str | None  # a `pipelines.schema.Reason`
+    message: str | None
+
+
+class SummaryInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    format: str
+    shards: int  # committed
+    quarantined: list[QuarantinedShard]
+
+
+class SummaryOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # the run's folder
+    format: str
+    results: list[str]  # committed files, as URIs
+    rejects: list[str]
+    # `output.format: openai_batch` only: the batch files and their line counts.
+    output_file: str | None = None
+    output_lines: int | None = None
+    error_file: str | None = None
+    error_lines: int | None = None
+
+
+class RunSummary(BaseModel):
+    """`summary.json`: what a run did and cost, from its committed files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SUMMARY_SCHEMA_VERSION
+    run_id: str
+    job: str
+    job_spec: str
+    engine: str
+    model: str
+    lora: dict[str, Any] | None  # `pipelines.models.adapters.Adapter`
+    started_at: str
+    finished_at: str
+    wall_s: float
+    task: str
+    resumed: bool
+    shards_redone: int
+    records_in: int
+    records_out: int  # generated (ok or failed to parse)
+    records_ok: int
+    records_failed: int  # generated but failed, plus rejected
+    records_rejected: int  # never generated
+    distinct_ids: int
+    duplicate_ids: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    work_units: float
+    cost_usd: float
+    compute_usd: float
+    overhead_usd: float
+    records_cached: int  # answered from the response cache
+    cached_records_prompt_tokens: int
+    cached_records_cached_prompt_tokens: int
+    cached_records_completion_tokens: int
+    errors_by_kind: dict[str, int]
+    records_per_s: float | None
+    output_tokens_per_s: float | None
+    engine_start_s: float | None
+    engine_replicas: int
+    engine_dtype: str | None
+    steady_output_tokens_per_s: float | None
+    cost: dict[str, Any]  # `pipelines.run.cost.cost_lines`
+    cache: dict[str, Any] | None  # `pipelines.run.cost.cache_lines`
+    price: dict[str, Any]
+    input: SummaryInput
+    output: SummaryOutput
+    hosted_comparison: dict[str, dict[str, Any]]
+    by_shard: dict[str, dict[str, Any]] | None = None
+    by_label: dict[str, dict[str, Any]] | None = None
+    quality: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """As written to `summary.json` (and printed by `tokenmill run --json`)."""
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+def write_summary(fs, run_root: str, summary: RunSummary) -> None:
+    write_json_atomic(fs, join(run_root, SUMMARY_FILE), summary.to_json())
+
+
+def read_summary(fs, run_root: str) -> RunSummary | None:
+    """The run's `summary.json`, or None where there is none; a newer or damaged one is an error naming it."""
+    path = join(run_root, SUMMARY_FILE)
+    data = read_json(fs, path)
+    if data is None:
+        return None
+    if data.get("schema_version", SUMMARY_SCHEMA_VERSION) > SUMMARY_SCHEMA_VERSION:
+        raise ConfigError(f"{path}: written by a newer tokenmill (summary version {data['schema_version']}, this "
+                          f"one reads {SUMMARY_SCHEMA_VERSION}); read it with that version")
+    try:
+        return RunSummary.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: not a valid run summary: {where}: {first['msg']}") from None
 
 
 def scan_results(uris: list[str], storage: StorageOptions, *, with_file: bool = False) -> pl.LazyFrame | None:
@@ -197,12 +320,12 @@ def quality(results: pl.LazyFrame, spec) -> dict | None:
 
 
 def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: StorageOptions, *, adapter, engine,
-              wall: float, started_at: dt.datetime, resumed: bool, shards_redone: int) -> dict[str, Any]:
+              wall: float, started_at: dt.datetime, resumed: bool, shards_redone: int) -> RunSummary:
     """The run's summary from its committed files only, so it always agrees with what readers see."""
     spec = job.spec
     protocol = protocol_of(spec.output.path)
     committed = [m for m in manifests.values() if m.state == "committed"]
-    quarantined = [{"path": m.path, "reason": m.reason, "message": m.message} for m in manifests.values()
+    quarantined = [QuarantinedShard(path=m.path, reason=m.reason, message=m.message) for m in manifests.values()
                    if m.state == "quarantined"]
     files = sorted(to_uri(f, protocol) for m in committed for f in m.results)
     reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m.rejects)
@@ -213,7 +336,12 @@ def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: St
     kinds = dict(totals.pop("errors_by_kind"))
     for kind, n in rejects["by_reason"].items():
         kinds[kind] = kinds.get(kind, 0) + n
-    summary = {
+    cost = cost_lines(job, totals, engine)
+    found = quality(results, spec) if results is not None else None
+    if totals["records_out"] + rejects["rows"] != records_in:
+        log.error("run %s: %d records in committed shards but %d results and %d rejects", run_id, records_in,
+                  totals["records_out"], rejects["rows"])
+    return RunSummary.model_validate({
         "run_id": run_id,
         "job": spec.name,
         "job_spec": str(job.spec_path),
@@ -239,24 +367,15 @@ def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: St
         # What the engines computed in: `auto` on CPU is decided on each node (`pipelines.stages.engine.engine_dtype`).
         "engine_dtype": ", ".join(sorted(engine.dtypes)) or None,
         "steady_output_tokens_per_s": round(engine.output_tokens / engine.steady_s, 3) if engine.steady_s else None,
-        "cost": cost_lines(job, totals, engine),
-        "cache": None,
+        "cost": cost,
+        "cache": cache_lines(job, totals, cost),
         "price": {"model": job.engine.display_model, **job.price.model_dump(mode="json")},
-        "input": {"path": spec.input.path, "format": spec.input.format, "shards": len(committed),
-                  "quarantined": quarantined},
-        "output": {"path": join(spec.output.path, run_id), "format": spec.output.format, "results": files,
-                   "rejects": reject_files},
-    }
-    summary["cache"] = cache_lines(job, totals, summary["cost"])
-    summary["hosted_comparison"] = hosted_comparison(totals, summary["cost"]["total_usd"], job.hosted)
-    if results is not None:
-        summary["by_shard"] = by_shard(results, {k: m.path for k, m in manifests.items()})
-        if spec.task == "classify":
-            summary["by_label"] = by_label(results)
-    found = quality(results, spec) if results is not None else None
-    if found is not None:
-        summary["quality"] = found
-    if totals["records_out"] + rejects["rows"] != records_in:
-        log.error("run %s: %d records in committed shards but %d results and %d rejects", run_id, records_in,
-                  totals["records_out"], rejects["rows"])
-    return summary
+        "input": SummaryInput(path=spec.input.path, format=spec.input.format, shards=len(committed),
+                              quarantined=quarantined),
+        "output": SummaryOutput(path=join(spec.output.path, run_id), format=spec.output.format, results=files,
+                                rejects=reject_files),
+        "hosted_comparison": hosted_comparison(totals, cost["total_usd"], job.hosted),
+        "by_shard": by_shard(results, {k: m.path for k, m in manifests.items()}) if results is not None else None,
+        "by_label": by_label(results) if results is not None and spec.task == "classify" else None,
+        "quality": found,
+    })

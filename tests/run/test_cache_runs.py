@@ -14,6 +14,7 @@ import pytest
 from pipelines.config.load import load_job
 from pipelines.run.ledger import read_ledger
 from pipelines.run.runner import run_job
+from pipelines.run.summary import RunSummary
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "conf/jobs/review_sentiment.yaml"
@@ -33,8 +34,8 @@ def _input(folder: Path) -> pa.Table:
     return table
 
 
-def _results(summary: dict) -> pl.DataFrame:
-    return pl.concat([pl.read_parquet(f) for f in summary["output"]["results"]]).sort("review_id")
+def _results(summary: RunSummary) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(f) for f in summary.output.results]).sort("review_id")
 
 
 @pytest.mark.engine
@@ -48,7 +49,7 @@ def test_a_second_run_is_answered_from_the_cache(ray_cluster, model_path, tmp_pa
     assert one.height == 40 and one["error"].null_count() == 40
     # Repeats within the run: generated once; the other of each pair (whichever batch came second) is a copy,
     # marked, and free.
-    assert one["cached"].sum() == 8 and first["cache"]["records"] == 8
+    assert one["cached"].sum() == 8 and first.cache["records"] == 8
     ledger = read_ledger(*_fs(tmp_path / "out" / "first"))
     assert sum(e["rows"] for e in ledger) == 32, "the engine must see each distinct prompt once"
     by_id = {r["review_id"]: r for r in one.iter_rows(named=True)}
@@ -61,18 +62,18 @@ def test_a_second_run_is_answered_from_the_cache(ray_cluster, model_path, tmp_pa
             (generated["label"], generated["output_text"], generated["completion_tokens"])
         assert copied["cost_usd"] == 0.0 and generated["cost_usd"] > 0
     # The bill still adds up: the generated records carry all of it.
-    assert one["cost_usd"].sum() == pytest.approx(first["cost"]["total_usd"], rel=1e-3)
+    assert one["cost_usd"].sum() == pytest.approx(first.cost["total_usd"], rel=1e-3)
 
     second = run_job(job, run_id="second", progress=False)
     two = _results(second)
-    assert two["cached"].to_list() == [True] * 40 and second["cache"]["records"] == 40
+    assert two["cached"].to_list() == [True] * 40 and second.cache["records"] == 40
     same = [c for c in one.columns if c not in CACHE_DIFFERS]
     assert two.select(same).equals(one.select(same)), "answers from the cache must be the first run's"
-    assert second["cache"]["saved_usd"] > 0
+    assert second.cache["saved_usd"] > 0
     # Nothing to generate: the engine never started, and the replica's short time is all the run paid.
-    assert second["engine_start_s"] is None
-    assert second["cost"]["total_usd"] < first["cost"]["total_usd"] / 10
-    assert two["cost_usd"].sum() == pytest.approx(second["cost"]["total_usd"], rel=1e-3)
+    assert second.engine_start_s is None
+    assert second.cost["total_usd"] < first.cost["total_usd"] / 10
+    assert two["cost_usd"].sum() == pytest.approx(second.cost["total_usd"], rel=1e-3)
     saved = json.loads((tmp_path / "out" / "second" / "summary.json").read_text())["cache"]
     assert saved["records"] == 40 and saved["path"] == str(tmp_path / "cache")
 

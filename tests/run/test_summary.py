@@ -52,3 +52,50 @@ def test_extraction_exact_match_per_field_with_truth_cast_to_the_field_type():
     assert (f["vendor"]["compared"], f["vendor"]["matched"]) == (4, 2)  # exact: case matters
     assert f["issued"]["exact_match_rate"] == 0.75
     assert q["mean_exact_match_rate"] == pytest.approx((1 / 3 + 0.75 + 0.5) / 3, abs=1e-6)
+
+
+def _summary_data(**changes) -> dict:
+    data = dict(
+        run_id="r1", job="ticket_triage", job_spec="conf/jobs/ticket_triage.yaml", engine="cpu-smollm2",
+        model="SmolLM2-135M-Instruct", lora=None, started_at="2026-11-30T00:00:00+00:00",
+        finished_at="2026-11-30T00:01:00+00:00", wall_s=60.0, task="generate", resumed=False, shards_redone=1,
+        records_in=3, records_out=2, records_ok=2, records_rejected=1, records_failed=1, distinct_ids=2,
+        duplicate_ids=0, prompt_tokens=200, completion_tokens=20, cached_prompt_tokens=0, work_units=0.0,
+        cost_usd=0.001, compute_usd=0.0, overhead_usd=0.0, records_cached=0, cached_records_prompt_tokens=0,
+        cached_records_cached_prompt_tokens=0, cached_records_completion_tokens=0, errors_by_kind={"empty_input": 1},
+        records_per_s=None, output_tokens_per_s=None, engine_start_s=None, engine_replicas=1, engine_dtype="float32",
+        steady_output_tokens_per_s=None, cost={"mode": "per_token", "total_usd": 0.001}, cache=None, price={},
+        input={"path": "in/", "format": "parquet", "shards": 1,
+               "quarantined": [{"path": "in/bad.parquet", "reason": "unreadable", "message": "truncated"}]},
+        output={"path": "out/r1", "format": "parquet", "results": ["out/r1/results/a/0.parquet"], "rejects": []},
+        hosted_comparison={})
+    data.update(changes)
+    return data
+
+
+def test_the_summary_round_trips_and_a_newer_or_damaged_one_is_refused_by_name(tmp_path):
+    import json
+
+    import fsspec
+
+    from pipelines.errors import ConfigError
+    from pipelines.run.summary import SUMMARY_SCHEMA_VERSION, RunSummary, read_summary, write_summary
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    assert read_summary(fs, root) is None
+    summary = RunSummary.model_validate(_summary_data())
+    write_summary(fs, root, summary)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["schema_version"] == SUMMARY_SCHEMA_VERSION and written["output"]["output_file"] is None
+    again = read_summary(fs, root)
+    assert again == summary and again.input.quarantined[0].reason == "unreadable"
+
+    (tmp_path / "summary.json").write_text(json.dumps({**written, "schema_version": SUMMARY_SCHEMA_VERSION + 1}))
+    with pytest.raises(ConfigError, match=r"summary\.json: written by a newer tokenmill"):
+        read_summary(fs, root)
+    del written["records_ok"]
+    (tmp_path / "summary.json").write_text(json.dumps(written))
+    with pytest.raises(ConfigError, match=r"summary\.json: not a valid run summary: records_ok: Field required"):
+        read_summary(fs, root)
+    with pytest.raises(Exception, match="extra"):  # a misspelt key is refused, not kept beside the right one
+        RunSummary.model_validate(_summary_data(record_ok=2))

@@ -32,7 +32,7 @@ def test_records_sharing_a_long_prefix_are_served_from_the_prefix_cache(ray_clus
         f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "sampling.max_tokens=2",
         f"prompt.system=Channel {{channel}}. {POLICY}"])
     summary = run_job(job, run_id="prefix", progress=False)
-    results = pl.concat([pl.read_parquet(f) for f in summary["output"]["results"]])
+    results = pl.concat([pl.read_parquet(f) for f in summary.output.results])
     assert results.height == 24 and results["error"].null_count() == 24
     assert results["prompt_tokens"].min() > 2 * 128
     hits = results.filter(pl.col("cached_prompt_tokens") >= 2 * 128)
@@ -40,4 +40,4 @@ def test_records_sharing_a_long_prefix_are_served_from_the_prefix_cache(ray_clus
     # (in input order, with the engine's 4,096-token steps, about half would be admitted alongside their
     # group's first and miss).
     assert hits.height == 21, results.select("channel", "cached_prompt_tokens").to_dicts()
-    assert summary["cached_prompt_tokens"] >= 21 * 2 * 128
+    assert summary.cached_prompt_tokens >= 21 * 2 * 128

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.config import load_job
+from pipelines.run.commit import read_success
 from pipelines.stages.standin import REFUSE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +63,11 @@ def test_a_whole_run_on_the_stand_in_engine(task_job, ray_cluster, model_path, t
     assert main(args) == 0, capsys.readouterr().err[-3000:]
     summary = json.loads(capsys.readouterr().out)
     assert summary["records_in"] == 12 and summary["engine_dtype"] == "stand-in" and summary["model"] == "stand-in"
+    assert summary["schema_version"] == 1
+    assert (summary["by_label"] is None) == (task_job == "invoice_fields")  # a section without figures is null
+    success = read_success(fsspec.filesystem("file"), summary["output"]["path"])
+    assert (success.records_in, success.results, success.rejects) == (
+        12, summary["output"]["results"], summary["output"]["rejects"])
     assert summary["records_rejected"] == 1 and summary["errors_by_kind"] == {"engine": 1}
     results = pl.concat([pl.read_parquet(f) for f in summary["output"]["results"]])
     rejects = pl.concat([pl.read_parquet(f) for f in summary["output"]["rejects"]])
