@@ -61,11 +61,11 @@ test: model browser airflow
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
-# What needs no vLLM engine: the contracts, the type checker and the tests not marked `engine`.
+# What needs no vLLM engine: the contracts, the type checker and the tests marked neither `engine` nor `cluster`.
 test-fast: model
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -m "not engine"
+	$(PY) -m pytest -m "not engine and not cluster"
 
 bench: model
 	$(VENV)/bin/tokenmill bench throughput

@@ -91,7 +91,9 @@ def ray_head(temp: Path, args: Sequence[str], *, env: dict[str, str], ready: Cal
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            # Ray's own graceful stop waits on every process in turn (about 30 s on 2 cores); nothing of this
+            # throwaway head needs keeping, so it gets a few seconds.
+            proc.wait(timeout=8)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-f", str(temp)], check=False)

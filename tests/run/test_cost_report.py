@@ -22,8 +22,8 @@ JOB = REPO / "conf/jobs/review_sentiment.yaml"
 
 
 def _input(tmp_path: Path) -> Path:
-    """The whole review sample in two shards, plus a blank review and a repeated id (both rejected)."""
-    table = pq.read_table(REPO / "data/samples/reviews")
+    """80 reviews of the sample in two shards, plus a blank review and a repeated id (both rejected)."""
+    table = pq.read_table(REPO / "data/samples/reviews").slice(0, 80)
     first = table.to_pylist()[0]
     bad = [{**first, "review_id": "BAD-BLANK", "text": "   "}, {**first, "title": "a repeat"}]
     table = pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)])
@@ -91,19 +91,19 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
     assert "no engine started" in printed and "cpu-smollm2" in printed
 
     caplog.set_level(logging.INFO, logger="pipelines.run.progress")
-    assert main(["run", str(JOB), *sets, "--run-id", "t", "--no-progress"]) == 0
+    assert main(["run", str(JOB), *sets, "--run-id", "cost-report", "--no-progress"]) == 0
     capsys.readouterr()
     # The progress line: records of the total, tokens, tokens/s and dollars so far.
     last = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()][-1]
-    assert re.search(r"run t: 242/242 records, 33,?\d+ prompt \+ 480 output tokens, [\d.]+ output tokens/s, "
+    assert re.search(r"run cost-report: 82/82 records, [\d,]+ prompt \+ 160 output tokens, [\d.]+ output tokens/s, "
                      r"\$0\.\d+ so far", last), last
-    run_dir = tmp_path / "out/t"
+    run_dir = tmp_path / "out/cost-report"
     summary = json.loads((run_dir / "summary.json").read_text())
     results = pl.read_parquet(summary["output"]["results"])
 
     # The plan's counts are the run's.
-    assert plan["rows"] == summary["records_in"] == 242
-    assert plan["generated"] == summary["records_out"] == 240
+    assert plan["rows"] == summary["records_in"] == 82
+    assert plan["generated"] == summary["records_out"] == 80
     assert plan["rejects"] == {"empty_input": 1, "duplicate_id": 1}
     assert sum(plan["rejects"].values()) == summary["records_rejected"]
     assert plan["prompt_tokens_total"] == summary["prompt_tokens"] == results["prompt_tokens"].sum()
@@ -125,7 +125,7 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
     assert cost["startup_usd"] > 0 and cost["startup_usd"] >= summary["engine_start_s"] * rate / 3600 * 0.999
     assert cost["overhead_usd"] == pytest.approx(cost["startup_usd"] + cost["idle_usd"])
     assert results["overhead_usd"].n_unique() == 1
-    assert results["overhead_usd"][0] == pytest.approx(cost["overhead_usd"] / 240)
+    assert results["overhead_usd"][0] == pytest.approx(cost["overhead_usd"] / 80)
     assert results["compute_usd"].sum() == pytest.approx(cost["compute_usd"], rel=1e-9)
     # Each record's share grows with its tokens: compute is proportional to the weighted work.
     w = results["work_units"]
@@ -141,8 +141,9 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
     assert mini["times_run_cost"] == pytest.approx(mini["cost_usd"] / cost["total_usd"])
 
     # The live counters reached Ray's metrics agent (what Prometheus scrapes).
-    exported = ray_metrics(r'ray_tokenmill_records\w*\{[^}]*run_id="t"[^}]*\} (\S+)', expected=240)
-    assert exported == 240
+    # (the counters live as long as the session's cluster: the run id is this test's alone)
+    exported = ray_metrics(r'ray_tokenmill_records\w*\{[^}]*run_id="cost-report"[^}]*\} (\S+)', expected=80)
+    assert exported == 80
 
     # The summary, rebuilt from the committed results alone, agrees.
     original = dict(summary)
@@ -155,7 +156,7 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
                 "completion_tokens", "cached_prompt_tokens", "by_label", "by_shard", "quality", "wall_s"):
         assert rebuilt[key] == original[key], key
     assert rebuilt["cost"]["total_usd"] == pytest.approx(original["cost"]["total_usd"], rel=1e-12)
-    assert sum(v["records"] for v in rebuilt["by_shard"].values()) == 240
+    assert sum(v["records"] for v in rebuilt["by_shard"].values()) == 80
     assert sum(v["cost_usd"] for v in rebuilt["by_label"].values()) == pytest.approx(cost["total_usd"], rel=1e-6)
 
     # The report: one file, no network, plots inside; rendered by headless Chromium.
