@@ -131,7 +131,8 @@ class SeaweedS3:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=20)
+                # `weed server` takes about 20 s over a graceful stop; nothing on this throwaway store needs it.
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

