@@ -168,6 +168,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+def tokenmill_driver(args: list[str], log: Path) -> subprocess.Popen:
+    """`tokenmill <args>` as its own process, joined to the session's Ray cluster as under `ray job submit`;
+    its stderr goes to `log` (also `proc.log`)."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The embedded model folder (prepared by `make test` before pytest; prepared here if not)."""

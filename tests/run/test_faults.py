@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import tokenmill_driver
 
 from pipelines.cli import main
 
@@ -123,14 +122,16 @@ def check_run(client, run: str, expected: dict) -> dict:
 
 
 def driver(args: list[str], log: Path) -> subprocess.Popen:
-    """`tokenmill run` as its own process, joined to the session's Ray cluster as under `ray job submit`."""
-    import ray
+    """`tokenmill run JOB` as its own process, joined to the session's Ray cluster as under `ray job submit`."""
+    return tokenmill_driver(["run", str(JOB), *args], log)
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(JOB), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    proc.log = log
-    return proc
+
+def _cmdline(p: psutil.Process) -> str:
+    """A process's name and command line (an engine's is its title, `VLLM::EngineCore`); empty once it is gone."""
+    try:
+        return f"{p.name()} {' '.join(p.cmdline())}"
+    except psutil.Error:
+        return ""
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -190,33 +191,41 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
     prefix, run = "in-engine", "kill-engine"
-    expected = make_input(client, prefix, good_shards=8)
+    expected = make_input(client, prefix, good_shards=4)
     root = f"out/{run}/"
-    # Long enough outputs that the engine is still at work when the first results are written.
-    proc = driver([*overrides(prefix, run), "--set", "sampling.max_tokens=48", "--set", "sampling.ignore_eos=true"],
+    # Every record generates its 16 tokens, so each killed engine leaves work to redo.
+    proc = driver([*overrides(prefix, run), "--set", "sampling.max_tokens=16", "--set", "sampling.ignore_eos=true"],
                   tmp_path / "driver.log")
 
-    def results_written(n: int):
-        return lambda: sum("/results/" in k for k in keys(client, root)) >= n
+    def engine_ready() -> bool:  # a replica's engine is up, with the run's batches waiting for it
+        for key in keys(client, f"{root}_engines/"):
+            entry = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            if entry.get("ready_at"):
+                return True
+        return False
+
+    def engines() -> set[int]:
+        return {p.pid for p in psutil.Process().children(recursive=True) if "VLLM::EngineCore" in _cmdline(p)}
 
     def kill(name: str) -> int:
         # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
         victims = []
         for p in psutil.Process().children(recursive=True):
             try:
-                if name in p.name() or name in " ".join(p.cmdline()):
+                if name in _cmdline(p):
                     p.kill()
                     victims.append(p)
             except psutil.Error:  # gone meanwhile
                 pass
         return len(victims)
 
-    # Each kill waits for its victim to exist: at the moment the results appear, the engine may be between
-    # processes (a replica's engine starts with its first batch; a killed one is replaced).
-    wait_for(results_written(1), proc)
-    wait_for(lambda: kill("VLLM::EngineCore") >= 1, proc)  # the engine process: the replica starts a new engine
-    wait_for(results_written(4), proc)
-    wait_for(lambda: kill("MapWorker(MapBatches(GenerateStage))") >= 1, proc)  # the replica: Ray restarts it
+    # The moments come from the processes and the replica's ledger, not from when results appear: Ray Data may
+    # write a run's results in one burst at its end.
+    wait_for(engine_ready, proc)
+    first = engines()
+    assert kill("VLLM::EngineCore") == len(first) == 1  # the engine process: the replica starts a new engine
+    wait_for(lambda: bool(engines() - first), proc)  # its replacement is starting, the run's work still ahead
+    assert kill("MapWorker(MapBatches(GenerateStage))") >= 1  # now the whole replica: Ray restarts it
     assert proc.wait(timeout=600) == 0, proc.log.read_text()[-3000:]
     check_run(client, run, expected)
 
