@@ -99,23 +99,26 @@ class Success(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _read_model(model: type[M], fs, path: str) -> M | None:
-    """A record of the run folder, or None where there is none; one written by a newer tokenmill, or damaged,
-    is an error that names the file."""
+def read_record(model: type[M], fs, path: str, *, version: int = SCHEMA_VERSION, name: str | None = None
+                ) -> M | None:
+    """A versioned record of the run folder (`version`: the newest this tokenmill reads), or None where there is
+    none; one written by a newer tokenmill, or damaged, is an error that names the file and the key."""
     data = read_json(fs, path)
     if data is None:
         return None
-    if data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-        raise ConfigError(f"{path}: written by a newer tokenmill (layout version {data['schema_version']}, this "
-                          f"one reads {SCHEMA_VERSION}); run it with that version")
+    if data.get("schema_version", version) > version:
+        raise ConfigError(f"{path}: written by a newer tokenmill (version {data['schema_version']}, this one reads "
+                          f"{version}); read it with that version")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: not a valid {model.__name__}: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: not a valid {name or model.__name__}: {where}: {first['msg']}") from None
 
 
 def read_run_record(fs, run_root: str) -> RunRecord | None:
-    return _read_model(RunRecord, fs, join(run_root, RUN_FILE))
+    return read_record(RunRecord, fs, join(run_root, RUN_FILE))
 
 
 def create_run_record(fs, run_root: str, record: RunRecord) -> bool:
@@ -124,7 +127,7 @@ def create_run_record(fs, run_root: str, record: RunRecord) -> bool:
 
 
 def read_success(fs, run_root: str) -> Success | None:
-    return _read_model(Success, fs, join(run_root, SUCCESS))
+    return read_record(Success, fs, join(run_root, SUCCESS))
 
 
 def write_success(fs, run_root: str, success: Success) -> None:
@@ -138,7 +141,7 @@ def read_manifests(fs, run_root: str) -> dict[str, Manifest]:
         return {}
     out: dict[str, Manifest] = {}
     for path in fs.ls(folder, detail=False):
-        manifest = _read_model(Manifest, fs, path) if path.endswith(".json") else None
+        manifest = read_record(Manifest, fs, path) if path.endswith(".json") else None
         if manifest is not None:  # gone since the listing: another attempt's, removed
             out[manifest.shard] = manifest
     return out

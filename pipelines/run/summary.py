@@ -14,13 +14,12 @@ import logging
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pipelines.config.load import Job
 from pipelines.config.storage import StorageOptions
-from pipelines.errors import ConfigError
-from pipelines.io.storage import join, protocol_of, read_json, to_uri, write_json_atomic
-from pipelines.run.commit import Manifest
+from pipelines.io.storage import join, protocol_of, to_uri, write_json_atomic
+from pipelines.run.commit import Manifest, read_record
 from pipelines.run.cost import cache_lines, cost_lines, hosted_comparison
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class RunSummary(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""
-        return self.model_dump(mode="json", exclude_none=False)
+        return self.model_dump(mode="json")
 
 
 def write_summary(fs, run_root: str, summary: RunSummary) -> None:
@@ -126,19 +125,8 @@ def write_summary(fs, run_root: str, summary: RunSummary) -> None:
 
 def read_summary(fs, run_root: str) -> RunSummary | None:
     """The run's `summary.json`, or None where there is none; a newer or damaged one is an error naming it."""
-    path = join(run_root, SUMMARY_FILE)
-    data = read_json(fs, path)
-    if data is None:
-        return None
-    if data.get("schema_version", SUMMARY_SCHEMA_VERSION) > SUMMARY_SCHEMA_VERSION:
-        raise ConfigError(f"{path}: written by a newer tokenmill (summary version {data['schema_version']}, this "
-                          f"one reads {SUMMARY_SCHEMA_VERSION}); read it with that version")
-    try:
-        return RunSummary.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: not a valid run summary: {where}: {first['msg']}") from None
+    return read_record(RunSummary, fs, join(run_root, SUMMARY_FILE), version=SUMMARY_SCHEMA_VERSION,
+                       name="run summary")
 
 
 def scan_results(uris: list[str], storage: StorageOptions, *, with_file: bool = False) -> pl.LazyFrame | None:
