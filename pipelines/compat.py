@@ -115,7 +115,7 @@ def wake_on_engine_death(llm: Any, poll_s: float = 0.5) -> bool:
     that thread leaves without a word to `outputs_queue`, where `LLM.step` is
     waiting: a killed engine core hangs its replica for good. A watcher puts the
     error the client would have raised into that queue. It stops with the client.
-    Whether the client had the expected shape.
+    Returns whether the client had the expected shape (no watcher otherwise).
     """
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     resources = getattr(core, "resources", None)

@@ -24,7 +24,12 @@ def free_port() -> int:
 class RunningCluster:
     address: str
     how: str  # where it came from, for the report
-    driver_env: dict[str, str] = dataclasses.field(default_factory=dict)  # what a driver needs to join it
+    auth_env: dict[str, str] = dataclasses.field(default_factory=dict)  # the head's auth mode, for its drivers
+
+    @property
+    def driver_env(self) -> dict[str, str]:
+        """What a driver's environment needs to join it."""
+        return {"RAY_ADDRESS": self.address, **self.auth_env}
 
 
 @contextlib.contextmanager
@@ -62,7 +67,7 @@ def running_cluster(*, needed: bool, temp: Path, start_timeout_s: float = 120.0)
 
     with ray_head(temp, [f"--port={port}", f"--num-cpus={os.cpu_count() or 2}", "--include-dashboard=false"],
                   env=env, ready=ready, timeout_s=start_timeout_s):
-        yield RunningCluster(address, "a head the bench started (ray start --head)", driver_env=auth)
+        yield RunningCluster(address, "a head the bench started (ray start --head)", auth_env=auth)
 
 
 @contextlib.contextmanager

@@ -87,14 +87,15 @@ def prompt_ids(job: Job, table: pa.Table, tokenizer_path: str) -> list[list[int]
 
 
 def run_child(job: Job, workdir: Path, mode: str, payload: dict[str, Any], result: Callable[..., T], *,
-              engine_in_child: bool, ray_address: str | None = None, env_vars: dict[str, str] | None = None) -> T:
+              engine_in_child: bool, join: dict[str, str] | None = None) -> T:
     """Run one side (`mode`, see `pipelines.bench.__main__`) in a child process; its figures as `result(**json)`.
 
     `engine_in_child`: the engine runs in the child itself and gets the engine
     actors' environment; a Ray driver must not have it (its cluster's processes
     would inherit it: preloaded OpenMP pinned the engine actor to one core), and
-    Ray's engine actors get it through their runtime_env. `ray_address`: the
-    child joins that cluster, as a driver under `ray job submit` does.
+    Ray's engine actors get it through their runtime_env. `join`: the
+    environment that makes the child join a running cluster (`RunningCluster.driver_env`), as a driver
+    under `ray job submit` does.
     """
     args_file, result_file = workdir / f"{mode}-args.json", workdir / f"{mode}-result.json"
     result_file.unlink(missing_ok=True)
@@ -103,9 +104,7 @@ def run_child(job: Job, workdir: Path, mode: str, payload: dict[str, Any], resul
     env.pop("RAY_ADDRESS", None)
     if engine_in_child:
         env.update(actor_env(job.engine))
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    env.update(env_vars or {})
+    env.update(join or {})
     proc = subprocess.run([sys.executable, "-m", "pipelines.bench", str(args_file)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.is_file():

@@ -124,7 +124,8 @@ def pipeline_side(args: dict) -> None:
     write_result(args, SideFigures(
         requests=summary.records_out, output_tokens=summary.completion_tokens,
         prompt_tokens=summary.prompt_tokens, wall_s=summary.wall_s,
-        steady_s=summary.completion_tokens / (summary.steady_output_tokens_per_s or float("nan")),
+        steady_s=(summary.completion_tokens / summary.steady_output_tokens_per_s
+                  if summary.steady_output_tokens_per_s else None),
         engine_start_s=summary.engine_start_s, driver_peak_rss_mb=round(vm_hwm_mb("self"), 1),
         actor_peak_rss_mb=max((e.get("actor_peak_rss_mb") or 0) for e in ledger),
         engine_peak_rss_mb=max((e.get("engine_peak_rss_mb") or 0) for e in ledger),
@@ -317,12 +318,9 @@ def run_throughput(job_path: Path, *, overrides: Sequence[str] = (), engine_over
                             **common, "sampling": job.spec.sampling.model_dump(mode="json"), "prompts": prompts},
                             SideFigures, engine_in_child=True)
                     elif side in ("pipeline", "pipeline_cluster"):
+                        join = joined.driver_env if joined and side == "pipeline_cluster" else None
                         figures[side] = run_child(job, workdir, "pipeline", {**pipeline, "run_id": f"{side}-{r}"},
-                                                  SideFigures, engine_in_child=False,
-                                                  ray_address=joined.address if joined and side == "pipeline_cluster"
-                                                  else None,
-                                                  env_vars=joined.driver_env if joined and side == "pipeline_cluster"
-                                                  else None)
+                                                  SideFigures, engine_in_child=False, join=join)
                     elif side == "ray_data_llm":
                         figures[side] = run_child(job, workdir, side, {
                             **common, "input": str(workdir / "input"), "output": str(workdir / f"ray-data-llm-{r}"),

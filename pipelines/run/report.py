@@ -49,8 +49,7 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> RunSumma
     # Figures of the attempts themselves (times, resumes) are not in the results: kept from the summary, or
     # from `_SUCCESS` when the summary is gone.
     earlier = read_summary(fs, root)
-    marker = read_success(fs, root)
-    attempts = earlier or marker
+    attempts = earlier or read_success(fs, root)
     summary = summarize(job, run_id, read_manifests(fs, root), storage.resolved(), adapter=None,
                         engine=EngineStats.from_ledger(read_ledger(fs, root)),
                         wall=attempts.wall_s if attempts else 0.0,

@@ -31,6 +31,7 @@ def test_a_child_result_is_read_back_into_its_dataclass(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.subprocess, "run", fake_run)
     job = type("J", (), {"engine": None})()
-    got = common.run_child(job, tmp_path, "raw", {"x": 1}, Figures, engine_in_child=False, ray_address="127.0.0.1:1")
+    got = common.run_child(job, tmp_path, "raw", {"x": 1}, Figures, engine_in_child=False,
+                             join={"RAY_ADDRESS": "127.0.0.1:1"})
     assert got == Figures(requests=3, seconds=1.5)
     assert written["mode"] == "raw" and written["x"] == 1 and written["result_file"].endswith("raw-result.json")

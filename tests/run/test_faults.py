@@ -204,20 +204,22 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
                 return True
         return False
 
+    def named(name: str) -> list[psutil.Process]:
+        # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
+        return [p for p in psutil.Process().children(recursive=True) if name in _cmdline(p)]
+
     def engines() -> set[int]:
-        return {p.pid for p in psutil.Process().children(recursive=True) if "VLLM::EngineCore" in _cmdline(p)}
+        return {p.pid for p in named("VLLM::EngineCore")}
 
     def kill(name: str) -> int:
-        # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
-        victims = []
-        for p in psutil.Process().children(recursive=True):
+        victims = 0
+        for p in named(name):
             try:
-                if name in _cmdline(p):
-                    p.kill()
-                    victims.append(p)
+                p.kill()
+                victims += 1
             except psutil.Error:  # gone meanwhile
                 pass
-        return len(victims)
+        return victims
 
     # The moments come from the processes and the replica's ledger, not from when results appear: Ray Data may
     # write a run's results in one burst at its end.
