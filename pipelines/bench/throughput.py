@@ -102,7 +102,7 @@ def raw_side(args: dict) -> None:
     write_result(args, SideFigures(
         requests=len(outputs), output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
         prompt_tokens=sum(len(p) for p in args["prompts"]), wall_s=None, steady_s=steady_s, engine_start_s=start_s,
-        driver_peak_rss_mb=memory["actor_peak_rss_mb"], engine_peak_rss_mb=memory["engine_peak_rss_mb"]))
+        driver_peak_rss_mb=vm_hwm_mb("self"), engine_peak_rss_mb=memory["engine_peak_rss_mb"]))
 
 
 def pipeline_side(args: dict) -> None:
@@ -128,7 +128,7 @@ def pipeline_side(args: dict) -> None:
                   if summary.steady_output_tokens_per_s else None),
         engine_start_s=summary.engine_start_s, driver_peak_rss_mb=round(vm_hwm_mb("self"), 1),
         actor_peak_rss_mb=max((e.get("actor_peak_rss_mb") or 0) for e in ledger),
-        engine_peak_rss_mb=max((e.get("engine_peak_rss_mb") or 0) for e in ledger),
+        engine_peak_rss_mb=max((e.get("engine_peak_rss_mb") or 0) for e in ledger) or None,
         profile=dataclasses.asdict(profile)))
 
 

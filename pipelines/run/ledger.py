@@ -47,7 +47,7 @@ class ReplicaLedger:
         self.entry.update(ready_at=time.time(), engine_start_s=engine_start_s, last_seen=time.time(), dtype=dtype)
         self._save()
 
-    def batch(self, start: float, end: float, rows: int, output_tokens: int, **profile: float) -> None:
+    def batch(self, start: float, end: float, rows: int, output_tokens: int, **profile: float | None) -> None:
         """One batch done; `profile` figures (engine idle seconds, peak memory) replace the last ones."""
         with self._lock:  # two batches of one replica may finish at once
             e = self.entry

@@ -66,8 +66,8 @@ def spec_fingerprint(job: Job) -> str:
     """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
     spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
                                                         "failures": True, "storage": True, "description": True})
-    # The stand-in's pace changes how long it takes, not what it answers.
-    engine = job.engine.model_dump(mode="json", exclude={"description", "stand_in_s_per_request"})
+    # The stand-in's pace and the process the engine core runs in change how long it takes, not what it answers.
+    engine = job.engine.model_dump(mode="json", exclude={"description", "stand_in_s_per_request", "engine_process"})
     payload = {"spec": spec, "engine": engine}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -67,7 +67,8 @@ def actor_env(profile: EngineProfile) -> dict[str, str]:
     runtime preloaded (with it the engine uses every core; without, one idles),
     and vLLM's compile cache inside tokenmill's cache folder.
     """
-    env = {"VLLM_CACHE_ROOT": str(tokenmill_home() / "vllm"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {"VLLM_CACHE_ROOT": str(tokenmill_home() / "vllm"), "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if profile.engine_process == "actor" else "1"}
     if profile.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = "2"
         iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
@@ -118,6 +119,8 @@ def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str, **ext
     """A `vllm.LLM` for the profile (in the calling process); `extra` adds engine arguments (LoRA's)."""
     if profile.device == "cpu":
         bind_cpu_threads(os.environ)
+    # vLLM reads it when the engine starts; a bench child or a test may not have the actor's environment.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = actor_env(profile)["VLLM_ENABLE_V1_MULTIPROCESSING"]
     from vllm import LLM
 
     kwargs = {**profile.engine_args.to_vllm_kwargs(), "dtype": engine_dtype(profile), **extra}
@@ -194,17 +197,20 @@ def vm_hwm_mb(pid: int | str) -> float:
     return 0.0
 
 
-def peak_memory_mb() -> dict[str, float]:
+def peak_memory_mb() -> dict[str, float | None]:
     """Peak resident memory of this process (the engine actor) and of its children (vLLM's engine core and
-    workers), and the actor's CPU seconds, for the ledger: the bench checks that neither memory grows with
-    the number of rows, and profiles where the time goes."""
+    workers; None for an engine inside the actor, whose memory is the actor's), and the actor's CPU seconds,
+    for the ledger: the bench checks that neither memory grows with the number of rows, and profiles where
+    the time goes."""
     import psutil
 
     me = psutil.Process()
     cpu = me.cpu_times()
+    children = me.children(recursive=True)
     return {"actor_peak_rss_mb": round(vm_hwm_mb("self"), 1),
-            "engine_peak_rss_mb": round(sum(vm_hwm_mb(c.pid) for c in me.children(recursive=True)), 1),
-            # The actor's own CPU (batches in and out, the engine loop, detokenizing), not the engine's.
+            "engine_peak_rss_mb": round(sum(vm_hwm_mb(c.pid) for c in children), 1) if children else None,
+            # The actor's own CPU (batches in and out, the engine loop, detokenizing), and the engine's when
+            # the engine runs inside the actor.
             "actor_cpu_s": round(cpu.user + cpu.system, 2)}
 
 

@@ -110,3 +110,19 @@ def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm():
     assert engine.cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"}
     assert "bf16" in engine.cpu_flags(arm)
     assert engine.cpu_flags("model name: something\n") == set()
+
+
+def test_the_engine_process_is_vllms_multiprocessing_switch_and_not_part_of_the_runs_identity():
+    from pipelines.config.load import load_job
+    from pipelines.errors import ConfigError
+    from pipelines.run.runner import spec_fingerprint
+
+    job = load_job("conf/jobs/ticket_triage.yaml")
+    assert job.engine.engine_process == "actor"  # the CPU default: it starts in about half the time
+    assert engine.actor_env(job.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    own = load_job("conf/jobs/ticket_triage.yaml", engine_overrides=["engine_process=own"])
+    assert engine.actor_env(own.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    # Where the engine core runs changes no answer: a run resumes across the switch.
+    assert spec_fingerprint(own) == spec_fingerprint(job)
+    with pytest.raises(ConfigError, match="VLLM_ENABLE_V1_MULTIPROCESSING is `engine_process`"):
+        load_job("conf/jobs/ticket_triage.yaml", engine_overrides=["env.VLLM_ENABLE_V1_MULTIPROCESSING='1'"])
