@@ -188,6 +188,55 @@ def model_path() -> Path:
     return prepare()
 
 
+@pytest.fixture(scope="session")
+def review_run(ray_cluster, model_path, tmp_path_factory):
+    """One real-engine run of the review_sentiment sample job, which two tests read: its labels and quality
+    (stages/test_tasks.py) and its bill, progress and report (run/test_cost_report.py). 80 sample reviews in two
+    shards plus a blank review and a repeated id (both rejected), billed in accelerator time."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+
+    root = tmp_path_factory.mktemp("review-run")
+    table = pq.read_table(REPO / "data/samples/reviews").slice(0, 80)
+    first = table.to_pylist()[0]
+    bad = [{**first, "review_id": "BAD-BLANK", "text": "   "}, {**first, "title": "a repeat"}]
+    table = pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)])
+    (root / "in").mkdir()
+    half = table.num_rows // 2
+    pq.write_table(table.slice(0, half), root / "in/part-0.parquet")
+    pq.write_table(table.slice(half), root / "in/part-1.parquet")
+    sets = ["--set", f"input.path={root / 'in'}", "--set", f"output.path={root / 'out'}",
+            "--set", "cost.mode=accelerator_time"]
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    progress, lines = logging.getLogger("pipelines.run.progress"), Lines()
+    level = progress.level
+    progress.setLevel(logging.INFO)
+    progress.addHandler(lines)
+    try:
+        code = main(["run", str(REPO / "conf/jobs/review_sentiment.yaml"), *sets, "--run-id", "reviews",
+                     "--no-progress"])
+    finally:
+        progress.removeHandler(lines)
+        progress.setLevel(level)
+    assert code == 0
+    run_dir = root / "out/reviews"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return SimpleNamespace(root=root, sets=sets, input=table, run_dir=run_dir, summary=summary,
+                           progress=lines.lines)
+
+
 @pytest.fixture(scope="module")
 def ray_head(s3_server, tmp_path_factory):
     """A Ray head of its own (GCS, raylet, dashboard with the Jobs API) on 127.0.0.1; stopped after the module

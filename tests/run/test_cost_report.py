@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -11,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,20 +17,6 @@ from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "conf/jobs/review_sentiment.yaml"
-
-
-def _input(tmp_path: Path) -> Path:
-    """80 reviews of the sample in two shards, plus a blank review and a repeated id (both rejected)."""
-    table = pq.read_table(REPO / "data/samples/reviews").slice(0, 80)
-    first = table.to_pylist()[0]
-    bad = [{**first, "review_id": "BAD-BLANK", "text": "   "}, {**first, "title": "a repeat"}]
-    table = pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    half = table.num_rows // 2
-    pq.write_table(table.slice(0, half), folder / "part-0.parquet")
-    pq.write_table(table.slice(half), folder / "part-1.parquet")
-    return folder
 
 
 def ray_metrics(pattern: str, expected: float, timeout: float = 40.0) -> float | None:
@@ -80,25 +64,21 @@ def render(page: Path, out: Path) -> tuple[str, Path]:
 
 
 @pytest.mark.engine
-def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_path, capsys, caplog):
-    sets = ["--set", f"input.path={_input(tmp_path)}", "--set", f"output.path={tmp_path / 'out'}",
-            "--set", "cost.mode=accelerator_time"]
-
-    # The dry run first: no engine, every prompt rendered and tokenized.
+def test_plan_run_in_accelerator_time_and_report(review_run, tmp_path, capsys):
+    # The dry run, as before the run: no engine, every prompt rendered and tokenized (into an output folder of
+    # its own, where no earlier run informs its estimate).
+    sets = [*review_run.sets, "--set", f"output.path={tmp_path / 'plan-out'}"]
     assert main(["plan", str(JOB), *sets, "--deadline", "10m", "--json", str(tmp_path / "plan.json")]) == 0
     printed = capsys.readouterr().out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert "no engine started" in printed and "cpu-smollm2" in printed
 
-    caplog.set_level(logging.INFO, logger="pipelines.run.progress")
-    assert main(["run", str(JOB), *sets, "--run-id", "cost-report", "--no-progress"]) == 0
-    capsys.readouterr()
-    # The progress line: records of the total, tokens, tokens/s and dollars so far.
-    last = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()][-1]
-    assert re.search(r"run cost-report: 82/82 records, [\d,]+ prompt \+ 160 output tokens, [\d.]+ output tokens/s, "
+    # The run's progress line: records of the total, tokens, tokens/s and dollars so far.
+    last = [line for line in review_run.progress if "so far" in line][-1]
+    assert re.search(r"run reviews: 82/82 records, [\d,]+ prompt \+ 160 output tokens, [\d.]+ output tokens/s, "
                      r"\$0\.\d+ so far", last), last
-    run_dir = tmp_path / "out/cost-report"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir = review_run.run_dir
+    summary = review_run.summary
     results = pl.read_parquet(summary["output"]["results"])
 
     # The plan's counts are the run's.
@@ -141,8 +121,8 @@ def test_plan_run_in_accelerator_time_and_report(ray_cluster, model_path, tmp_pa
     assert mini["times_run_cost"] == pytest.approx(mini["cost_usd"] / cost["total_usd"])
 
     # The live counters reached Ray's metrics agent (what Prometheus scrapes).
-    # (the counters live as long as the session's cluster: the run id is this test's alone)
-    exported = ray_metrics(r'ray_tokenmill_records\w*\{[^}]*run_id="cost-report"[^}]*\} (\S+)', expected=80)
+    # (the counters live as long as the session's cluster: the run id is this run's alone)
+    exported = ray_metrics(r'ray_tokenmill_records\w*\{[^}]*run_id="reviews"[^}]*\} (\S+)', expected=80)
     assert exported == 80
 
     # The summary, rebuilt from the committed results alone, agrees.

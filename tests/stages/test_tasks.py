@@ -36,10 +36,12 @@ def run(job: str, sample: str, tmp_path: Path, rows: int, capsys, bad: list[dict
 
 
 @pytest.mark.engine
-def test_review_sentiment_labels_are_from_the_list_or_errors(ray_cluster, model_path, tmp_path, capsys):
+def test_review_sentiment_labels_are_from_the_list_or_errors(review_run):
+    """On the shared review_sentiment run (tests/conftest.py): 80 reviews, a blank one, a repeated id."""
     labels = load_job(REPO / "conf/jobs/review_sentiment.yaml").spec.classify.names
-    blank = {"review_id": "BAD-BLANK", "product": "desk lamp", "title": "x", "text": "  ", "true_sentiment": "neutral"}
-    summary, results = run("review_sentiment", "reviews", tmp_path, 24, capsys, bad=[blank])
+    summary = review_run.summary
+    results = pl.read_parquet(summary["output"]["results"])
+    assert results.height + summary["records_rejected"] == review_run.input.num_rows == summary["records_in"]
 
     for row in results.iter_rows(named=True):
         if row["error"] is None:
@@ -47,16 +49,17 @@ def test_review_sentiment_labels_are_from_the_list_or_errors(ray_cluster, model_
             assert 0 < row["label_probability"] <= 1
         else:
             assert row["label"] is None and row["label_probability"] is None
-    rejects = pl.read_parquet(summary["output"]["rejects"])
-    assert rejects["review_id"].to_list() == ["BAD-BLANK"] and rejects["reason"].to_list() == ["empty_input"]
-    assert results.filter(pl.col("error").is_null()).height == 24
+    rejects = pl.read_parquet(summary["output"]["rejects"]).sort("review_id")
+    assert rejects["reason"].to_list() == ["empty_input", "duplicate_id"]
+    assert rejects["review_id"][0] == "BAD-BLANK" and rejects["message"].null_count() == 0
+    assert results.filter(pl.col("error").is_null()).height == 80
 
-    q = summary["quality"]  # computed on the results: the rejected review never got a label
-    assert q["records_with_truth"] == 24
+    q = summary["quality"]  # computed on the results: the rejected reviews never got a label
+    assert q["records_with_truth"] == 80
     assert q["correct"] == results.filter(pl.col("label") == pl.col("true_sentiment")).height
-    assert q["accuracy"] == pytest.approx(q["correct"] / 24, abs=1e-6)
+    assert q["accuracy"] == pytest.approx(q["correct"] / 80, abs=1e-6)
     matrix = q["confusion_matrix"]["counts"]
-    assert sum(sum(r.values()) for r in matrix.values()) == 24
+    assert sum(sum(r.values()) for r in matrix.values()) == 80
     for label in labels:
         predicted = results.filter(pl.col("label") == label).height
         assert q["per_label"][label]["predicted"] == predicted
