@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="passed on to the job as --set")
     submit.add_argument("--no-wait", action="store_true", help="submit (or find) and return without waiting")
     submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    submit.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
+                        help="seconds between looks at the job's state while waiting (default 5)")
 
     report = sub.add_parser("report", help="rebuild a run's summary.json and report.html from its committed results")
     report.add_argument("run_path", help="the run's folder: <output.path>/<run id>, local or object storage")
@@ -307,7 +309,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     extra = [a for kv in args.overrides for a in ("--set", kv)]
     try:
         done = submit(address=args.address or default_address(), job=job.spec.name, partition=args.date, args=extra,
-                      runtime_env=runtime_env, wait=not args.no_wait, timeout_s=args.timeout)
+                      runtime_env=runtime_env, wait=not args.no_wait, timeout_s=args.timeout,
+                      poll_s=args.poll)
     except SubmitError as exc:
         raise ConfigError(str(exc)) from None
     if args.no_wait:

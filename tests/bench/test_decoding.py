@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 
@@ -12,7 +13,7 @@ from pipelines.cli import main
 @pytest.mark.engine
 def test_decoding_compares_constrained_and_unconstrained_decoding(model_path, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "decoding", "--rows", "12", "--repeats", "1", "--json", str(out)]) == 0
+    assert main(["bench", "decoding", "--rows", "12", "--repeats", "1", *QUICK_START_ARGS, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ratio constrained/unconstrained, requests/s" in printed
     figures = json.loads(out.read_text())

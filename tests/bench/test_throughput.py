@@ -40,8 +40,7 @@ def test_throughput_compares_raw_vllm_the_pipeline_both_ways_ray_data_llm_and_tr
     assert "WARNING" not in printed
     assert sides["transformers"]["output_tokens"] == 8 * 8
     for side in ("pipeline", "pipeline_cluster"):
-        # The default profile's engine runs inside the actor (`engine_process: actor`): its memory is the actor's.
-        assert sides[side]["actor_peak_rss_mb"] > 1000 and sides[side]["engine_peak_rss_mb"] is None
+        assert sides[side]["actor_peak_rss_mb"] > 0 and sides[side]["engine_peak_rss_mb"] > 0
         assert sides[side]["profile"]["batches"] >= 1
     # A driver that starts its own cluster owns Ray's processes; one that joins a cluster owns none of them.
     assert sides["pipeline"]["profile"]["ray_cpu_s"] and not sides["pipeline_cluster"]["profile"]["ray_cpu_s"]

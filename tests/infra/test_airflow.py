@@ -94,7 +94,7 @@ def test_submit_task_runs_a_night_on_the_ray_head_and_a_retry_finds_it(airflow_h
     overrides = {"ticket_triage": [f"input.path=s3://{BUCKET}/tickets/{{date}}/", f"output.path=s3://{BUCKET}/out/",
                                   "sampling.max_tokens=8", "engine=stand-in"]}
     env = airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_RAY_ADDRESS=ray_head["address"],
-                      AIRFLOW_VAR_TOKENMILL_OVERRIDES=json.dumps(overrides))
+                      AIRFLOW_VAR_TOKENMILL_OVERRIDES=json.dumps(overrides), AIRFLOW_VAR_TOKENMILL_POLL_S="1")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the cluster holds them; Airflow needs none
         env.pop(key, None)
     # A run at 02:00 the morning after NIGHT: its data interval is NIGHT 02:00 to 02:00, its partition NIGHT.

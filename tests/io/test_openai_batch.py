@@ -10,6 +10,7 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.config import load_job
@@ -103,7 +104,8 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
     lines.append(json.dumps(refused))
     client.put_object(Bucket=BUCKET, Key="requests/batch-1.jsonl", Body=("\n".join(lines) + "\n").encode())
     spec = spec_file(tmp_path, f"s3://{BUCKET}/requests/", f"s3://{BUCKET}/out/")
-    code = main(["run", str(spec), "--conf-dir", str(REPO / "conf"), "--run-id", "rt", "--no-progress"])
+    code = main(["run", str(spec), "--conf-dir", str(REPO / "conf"), "--run-id", "rt", "--no-progress",
+                 *QUICK_START_ARGS])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
 

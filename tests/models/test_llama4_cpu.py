@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.config import load_job
@@ -21,6 +22,7 @@ MAX_TOKENS = 24
 def test_ticket_job_on_tiny_llama4_matches_transformers(ray_cluster, tmp_path):
     out = tmp_path / "out"
     code = main(["run", str(JOB), "--run-id", "llama4", "--no-progress", "--set", "engine=cpu-tiny-llama4",
+                 *QUICK_START_ARGS,
                  "--set", f"output.path={out}", "--set", "output.include_token_ids=true",
                  "--set", f"sampling.max_tokens={MAX_TOKENS}"])
     assert code == 0

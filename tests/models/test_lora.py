@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.errors import ConfigError
@@ -33,7 +34,7 @@ def build_adapter(model_path: Path, out: Path) -> None:
 def run(tmp_path: Path, run_id: str, *overrides: str) -> pl.DataFrame:
     args = ["run", str(JOB), "--run-id", run_id, "--no-progress", "--set", f"input.path={tmp_path / 'input'}",
             "--set", f"output.path={tmp_path / 'out'}", "--set", "sampling.max_tokens=16"]
-    assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert main([*args, *QUICK_START_ARGS, *[a for o in overrides for a in ("--set", o)]]) == 0
     summary = json.loads((tmp_path / "out" / run_id / "summary.json").read_text())
     return pl.read_parquet(summary["output"]["results"]).sort("ticket_id")
 

@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START
 
 from pipelines.config.load import load_job
 from pipelines.run.ledger import read_ledger
@@ -43,7 +44,7 @@ def test_a_second_run_is_answered_from_the_cache(ray_cluster, model_path, tmp_pa
     _input(tmp_path / "in")
     job = load_job(JOB, overrides=[f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
                                    f"cache.path={tmp_path / 'cache'}", "cost.mode=accelerator_time",
-                                   "sampling.max_tokens=4"])
+                                   "sampling.max_tokens=4"], engine_overrides=QUICK_START)
     first = run_job(job, run_id="first", progress=False)
     one = _results(first)
     assert one.height == 40 and one["error"].null_count() == 40

@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_SECRET
+from conftest import QUICK_START_ARGS, S3_SECRET
 
 from pipelines.cli import main
 from pipelines.config import load_job
@@ -52,7 +52,8 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
     overrides = [f"input.path=s3://{BUCKET}/tickets/", f"output.path=s3://{BUCKET}/out/",
                  "output.include_token_ids=true", "batch_size=8",
                  "sampling.max_tokens=16"]
-    code = main(["run", str(JOB), "--run-id", "e2e", "--no-progress", *[a for o in overrides for a in ("--set", o)]])
+    code = main(["run", str(JOB), "--run-id", "e2e", "--no-progress", *QUICK_START_ARGS,
+                 *[a for o in overrides for a in ("--set", o)]])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     assert "records in / ok / failed" in printed.out and "42 / 40 / 2" in printed.out
@@ -140,7 +141,7 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
     assert S3_SECRET not in printed.out + printed.err + summary_text
 
     # The same run again resumes the finished run: nothing is redone or written twice.
-    assert main(["run", str(JOB), "--run-id", "e2e", "--no-progress",
+    assert main(["run", str(JOB), "--run-id", "e2e", "--no-progress", *QUICK_START_ARGS,
                  *[a for o in overrides for a in ("--set", o)]]) == 0
     assert "resumed" in capsys.readouterr().out
     assert [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="out/e2e/")["Contents"]] == keys

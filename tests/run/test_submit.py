@@ -39,7 +39,7 @@ def test_submit_runs_a_night_once_and_never_shows_credentials(ray_head, s3_env, 
     client = s3_env.client()
     rows = _upload(client)
     submit = ["submit", str(REPO / "conf/jobs/ticket_triage.yaml"), "--date", NIGHT, "--address", ray_head["address"],
-              "--runtime-env", str(REPO / "conf/runtime_env.yaml"), "--timeout", "900",
+              "--runtime-env", str(REPO / "conf/runtime_env.yaml"), "--timeout", "900", "--poll", "1",
               "--set", f"input.path=s3://{BUCKET}/tickets/{{date}}/", "--set", f"output.path=s3://{BUCKET}/triage/",
               "--set", "sampling.max_tokens=8"]
     # (The spec is checked where the command runs, before submitting: s3_env gives this process the store too.)

@@ -118,11 +118,11 @@ def test_the_engine_process_is_vllms_multiprocessing_switch_and_not_part_of_the_
     from pipelines.run.runner import spec_fingerprint
 
     job = load_job("conf/jobs/ticket_triage.yaml")
-    assert job.engine.engine_process == "actor"  # the CPU default: it starts in about half the time
-    assert engine.actor_env(job.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    own = load_job("conf/jobs/ticket_triage.yaml", engine_overrides=["engine_process=own"])
-    assert engine.actor_env(own.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert job.engine.engine_process == "own"  # vLLM's default: the engine's steps overlap the actor's work
+    assert engine.actor_env(job.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    quick = load_job("conf/jobs/ticket_triage.yaml", engine_overrides=["engine_process=actor"])
+    assert engine.actor_env(quick.engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     # Where the engine core runs changes no answer: a run resumes across the switch.
-    assert spec_fingerprint(own) == spec_fingerprint(job)
+    assert spec_fingerprint(quick) == spec_fingerprint(job)
     with pytest.raises(ConfigError, match="VLLM_ENABLE_V1_MULTIPROCESSING is `engine_process`"):
         load_job("conf/jobs/ticket_triage.yaml", engine_overrides=["env.VLLM_ENABLE_V1_MULTIPROCESSING='1'"])

@@ -8,6 +8,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START
 
 from pipelines.config.load import load_job
 from pipelines.run.runner import run_job
@@ -30,7 +31,7 @@ def test_records_sharing_a_long_prefix_are_served_from_the_prefix_cache(ray_clus
     pq.write_table(pa.concat_tables(rows), tmp_path / "in" / "part-0.parquet")
     job = load_job(JOB, overrides=[
         f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "sampling.max_tokens=2",
-        f"prompt.system=Channel {{channel}}. {POLICY}"])
+        f"prompt.system=Channel {{channel}}. {POLICY}"], engine_overrides=QUICK_START)
     summary = run_job(job, run_id="prefix", progress=False)
     results = pl.concat([pl.read_parquet(f) for f in summary.output.results])
     assert results.height == 24 and results["error"].null_count() == 24

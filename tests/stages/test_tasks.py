@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.config import load_job
@@ -25,7 +26,7 @@ def run(job: str, sample: str, tmp_path: Path, rows: int, capsys, bad: list[dict
         table = pa.concat_tables([table, pa.Table.from_pylist(list(bad), schema=table.schema)])
     (tmp_path / "in").mkdir()
     pq.write_table(table, tmp_path / "in/part-0.parquet")
-    code = main(["run", str(REPO / f"conf/jobs/{job}.yaml"), "--run-id", "t", "--no-progress",
+    code = main(["run", str(REPO / f"conf/jobs/{job}.yaml"), "--run-id", "t", "--no-progress", *QUICK_START_ARGS,
                  "--set", f"input.path={tmp_path / 'in'}", "--set", f"output.path={tmp_path / 'out'}"])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]

@@ -13,6 +13,7 @@ Settings (Airflow Variables, or `AIRFLOW_VAR_<NAME>` environment variables):
     tokenmill_ray_address   the Jobs API, e.g. http://ray-head.tokenmill:8265
     tokenmill_overrides     JSON: {"<job>": ["input.path=s3://bucket/tickets/{date}/", ...]} (optional)
     tokenmill_repo          the tokenmill checkout to import and upload (default: this file's repository)
+    tokenmill_poll_s        seconds between looks at the job's state (default 15)
 
 Credentials never pass through here: the cluster's nodes hold them (see the README).
 """
@@ -54,7 +55,7 @@ def submit_night(job: str, partition: str) -> str:
     overrides = json.loads(Variable.get("tokenmill_overrides", default="{}") or "{}").get(job, [])
     done = submit(address=Variable.get("tokenmill_ray_address"), job=job, partition=partition,
                   args=[a for kv in overrides for a in ("--set", kv)], runtime_env=_runtime_env(), wait=True,
-                  poll_s=15.0)
+                  poll_s=float(Variable.get("tokenmill_poll_s", default="15")))
     if done.status != "SUCCEEDED":
         raise RuntimeError(f"{done.submission_id} ended {done.status}; see its logs above")
     return done.submission_id
