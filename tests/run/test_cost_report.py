@@ -94,6 +94,11 @@ def test_plan_run_in_accelerator_time_and_report(review_run, tmp_path, capsys):
     print(f"plan estimate {estimate['replica_s']:.1f} replica-s, run {actual_s:.1f} replica-s")
     assert abs(estimate["replica_s"] - actual_s) <= 0.30 * actual_s
 
+    # The engine core in a process of its own (the profile's default): the replica's ledger keeps its memory
+    # apart from the actor's.
+    [entry] = [json.loads(p.read_text()) for p in (run_dir / "_engines").glob("*.json")]
+    assert entry["engine_peak_rss_mb"] > 1000 and entry["actor_peak_rss_mb"] > 0
+
     # Accelerator time, attributed: the records add up to the bill.
     cost = summary["cost"]
     assert cost["mode"] == "accelerator_time" and cost["replicas"] == 1
