@@ -44,8 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The engine core inside the actor (`engine_process: actor`) for runs of a few dozen records: it starts in about
 # 12 s instead of about 27 s and generates slower, which such a run never notices. The default topology (the engine
-# core in its own process) runs in the shared review run, `tokenmill submit`'s test, the throughput bench and the
-# engine-kill fault test.
+# core in its own process) runs in the shared review run, `tokenmill submit`'s test and the engine-kill fault test.
 QUICK_START = ["engine_process=actor"]
 QUICK_START_ARGS = ["--engine-set", "engine_process=actor"]
 S3_KEY, S3_SECRET = "tokenmill-test-key", "tokenmill-test-secret-do-not-print"

@@ -119,7 +119,8 @@ def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str, **ext
     """A `vllm.LLM` for the profile (in the calling process); `extra` adds engine arguments (LoRA's)."""
     if profile.device == "cpu":
         bind_cpu_threads(os.environ)
-    # vLLM reads it when the engine starts; a bench child or a test may not have the actor's environment.
+    # vLLM reads it when the engine starts: the engine follows the profile even in a process that was not started
+    # with `actor_env` (the actors and the bench's engine children are).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = actor_env(profile)["VLLM_ENABLE_V1_MULTIPROCESSING"]
     from vllm import LLM
 

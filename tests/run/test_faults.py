@@ -194,7 +194,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     expected = make_input(client, prefix, good_shards=4)
     root = f"out/{run}/"
     # Every record generates its 16 tokens, so each killed engine leaves work to redo. The engine core in a
-    # process of its own, as on GPU (the CPU profile keeps it inside the actor, where it dies with the actor).
+    # process of its own (every profile's default), which is what this test kills.
     proc = driver([*overrides(prefix, run), "--set", "sampling.max_tokens=16", "--set", "sampling.ignore_eos=true",
                    "--engine-set", "engine_process=own"], tmp_path / "driver.log")
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jsonschema
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import QUICK_START_ARGS
@@ -19,11 +18,9 @@ from pipelines.config import load_job
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(job: str, sample: str, tmp_path: Path, rows: int, capsys, bad: list[dict] = ()) -> tuple[dict, pl.DataFrame]:
-    """Run a sample job on its first `rows` sample records plus `bad` ones; return summary and results."""
+def run(job: str, sample: str, tmp_path: Path, rows: int, capsys) -> tuple[dict, pl.DataFrame]:
+    """Run a sample job on its first `rows` sample records; return summary and results."""
     table = pq.read_table(REPO / "data/samples" / sample).slice(0, rows)
-    if bad:
-        table = pa.concat_tables([table, pa.Table.from_pylist(list(bad), schema=table.schema)])
     (tmp_path / "in").mkdir()
     pq.write_table(table, tmp_path / "in/part-0.parquet")
     code = main(["run", str(REPO / f"conf/jobs/{job}.yaml"), "--run-id", "t", "--no-progress", *QUICK_START_ARGS,
