@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipelines.config.engine import EngineProfile
 from pipelines.config.load import Job, load_engine, load_price_book
 from pipelines.errors import ConfigError
-from pipelines.io.storage import filesystem_for, join
+from pipelines.io.storage import filesystem_for
 from pipelines.models import resolve_engine_paths
 from pipelines.run.commit import read_run_record
 from pipelines.run.cost import hosted_comparison

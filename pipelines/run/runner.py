@@ -10,13 +10,12 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
 
 from pipelines.config.load import Job, job_snapshot
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError, EngineError, RunAborted
 from pipelines.io.openai_batch import request_files, stage_requests, write_batch_files
-from pipelines.io.storage import filesystem_for, join, read_json, write_json_atomic
+from pipelines.io.storage import filesystem_for, join
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, check_adapter
 from pipelines.run.cluster import ensure_ray
