@@ -15,6 +15,17 @@ if TYPE_CHECKING:  # the commands import the runtime when they run, so that `tok
     from pipelines.run.summary import RunSummary
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero (argparse names the flag when it is not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above zero")
+    return value
+
+
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", type=Path, help="job spec, e.g. conf/jobs/ticket_triage.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="passed on to the job as --set")
     submit.add_argument("--no-wait", action="store_true", help="submit (or find) and return without waiting")
     submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
-    submit.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
+    submit.add_argument("--poll", type=positive_seconds, default=5.0, metavar="SECONDS",
                         help="seconds between looks at the job's state while waiting (default 5)")
 
     report = sub.add_parser("report", help="rebuild a run's summary.json and report.html from its committed results")

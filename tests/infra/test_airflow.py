@@ -81,6 +81,31 @@ def test_dags_load_with_the_nightly_schedule_and_partition(airflow_home):
         assert d["rendered"] == "2026-11-26"
 
 
+POLL = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("nightly", sys.argv[1])
+dags = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dags)
+try:
+    print("POLL", dags._poll_s())
+except ValueError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("2.5", "POLL 2.5"),
+    ("soon", "REFUSED Airflow Variable tokenmill_poll_s: 'soon' is not a number of seconds above zero"),
+    ("0", "REFUSED Airflow Variable tokenmill_poll_s: '0' is not a number of seconds above zero"),
+])
+def test_the_poll_interval_variable_is_seconds_above_zero_or_refused_by_name(airflow_home, value, expected):
+    done = subprocess.run([str(AIRFLOW_VENV / "bin/python"), "-c", POLL, str(DAGS / "tokenmill_nightly.py")],
+                          env=airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_POLL_S=value), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [ln for ln in done.stdout.splitlines() if ln.startswith(("POLL", "REFUSED"))] == [expected]
+
+
 @pytest.mark.cluster
 def test_submit_task_runs_a_night_on_the_ray_head_and_a_retry_finds_it(airflow_home, ray_head, s3_env, model_path):
     client = s3_env.client()

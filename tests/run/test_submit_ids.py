@@ -52,3 +52,13 @@ def test_auth_token_is_read_as_ray_reads_it(tmp_path, monkeypatch):
     assert auth_headers() == {"Authorization": "Bearer from-file"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert auth_headers() == {}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_poll_interval_that_is_not_seconds_above_zero_is_refused_by_name(value, capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["submit", "conf/jobs/ticket_triage.yaml", "--date", "2026-11-27", "--poll", value])
+    assert exited.value.code == 2
+    assert f"argument --poll: {value!r}" in capsys.readouterr().err

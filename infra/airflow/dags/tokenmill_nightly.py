@@ -46,6 +46,17 @@ def _runtime_env() -> dict:
     return env
 
 
+def _poll_s() -> float:
+    raw = Variable.get("tokenmill_poll_s", default="15")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"Airflow Variable tokenmill_poll_s: {raw!r} is not a number of seconds above zero")
+    return value
+
+
 def submit_night(job: str, partition: str) -> str:
     """Submit (or find, or re-attach to) `job` for `partition` and wait; fail the task unless it succeeded."""
     if str(REPO) not in sys.path:
@@ -55,7 +66,7 @@ def submit_night(job: str, partition: str) -> str:
     overrides = json.loads(Variable.get("tokenmill_overrides", default="{}") or "{}").get(job, [])
     done = submit(address=Variable.get("tokenmill_ray_address"), job=job, partition=partition,
                   args=[a for kv in overrides for a in ("--set", kv)], runtime_env=_runtime_env(), wait=True,
-                  poll_s=float(Variable.get("tokenmill_poll_s", default="15")))
+                  poll_s=_poll_s())
     if done.status != "SUCCEEDED":
         raise RuntimeError(f"{done.submission_id} ended {done.status}; see its logs above")
     return done.submission_id
