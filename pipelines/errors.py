@@ -39,3 +39,9 @@ class RunAborted(TokenmillError):
     """The circuit breaker stopped a run: too many records failed. What was committed stays valid."""
 
     exit_code = 6
+
+
+class RunBusy(TokenmillError):
+    """Another attempt holds the run's lease, or took it from this one: one attempt at a time commits to a run."""
+
+    exit_code = 7

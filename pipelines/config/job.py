@@ -210,6 +210,22 @@ class ActorPoolSpec(BaseModel):
         return self
 
 
+class LeaseSpec(BaseModel):
+    """One live attempt per run (`pipelines.run.lease`): how long an attempt's hold on its run lasts unrenewed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: float = Field(
+        60.0, ge=1, description="Seconds an attempt's lease on its run lasts without a renewal (renewed every third "
+        "of it). A second attempt is refused while the lease is live and takes it over once it has expired, e.g. "
+        "after the first attempt's driver was killed; a paused attempt that finds its lease gone stops committing.",
+    )
+    wait_s: float = Field(
+        0.0, ge=0, description="How long a second attempt waits for a live lease to end before refusing; "
+        "`tokenmill run --wait SECONDS` sets it.",
+    )
+
+
 class JobSpec(BaseModel):
     """A whole job: `conf/jobs/<name>.yaml`."""
 
@@ -239,6 +255,7 @@ class JobSpec(BaseModel):
         description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "
         "so that each call fills the engine (smaller batches let it drain between calls).",
     )
+    lease: LeaseSpec = Field(default_factory=LeaseSpec)
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store access.")
 
     @property

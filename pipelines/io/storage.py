@@ -8,6 +8,7 @@ environment. They are typed as secrets and never printed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -132,10 +133,85 @@ def write_json_atomic(fs, path: str, payload: dict[str, Any], *, exclusive: bool
     try:
         fs.pipe_file(path, data, mode="create")
         return True
-    except (FileExistsError, OSError) as exc:
-        if isinstance(exc, FileExistsError) or "pre-condition" in str(exc).lower() or "412" in str(exc):
+    except OSError as exc:
+        if _precondition_failed(exc):
             return False
         raise
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """S3's answer to a conditional write that lost: 412 (the object changed or exists), or 409 (two conditional
+    writes of one key at once, where AWS lets neither win); s3fs reports both as an OSError."""
+    text = str(exc).lower()
+    return isinstance(exc, FileExistsError) or any(
+        s in text for s in ("pre-condition", "precondition", "conditionalrequestconflict"))
+
+
+def read_versioned(fs, path: str) -> tuple[dict[str, Any], str] | None:
+    """A small JSON object and its version, for `write_if_version`; None where there is none.
+
+    The version is the object's ETag on S3 and a digest of its bytes on a local
+    disk. S3 gives the ETag and the bytes in two requests, so the ETag is read
+    on both sides of the bytes and the pair is kept only when they agree.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    for _ in range(5):
+        try:
+            if isinstance(fs, LocalFileSystem):
+                data = fs.cat_file(path)
+                return json.loads(data), hashlib.sha256(data).hexdigest()
+            before = fs.info(path, refresh=True).get("ETag")
+            data = fs.cat_file(path)
+            after = fs.info(path, refresh=True).get("ETag")
+        except FileNotFoundError:
+            return None
+        if before is None or after is None:
+            raise OSError(f"{path}: the store gives no ETag, so it cannot be written conditionally")
+        if before == after:
+            return json.loads(data), after
+    raise OSError(f"{path}: changed on every one of 5 reads; another writer is busy on it")
+
+
+def write_if_version(fs, path: str, payload: dict[str, Any], version: str | None) -> str | None:
+    """Write a small JSON object only if it is still at `version` (None: only if it does not exist yet).
+
+    Returns the new version, or None when the condition failed: another writer
+    got there first. On S3 this is one PUT with `If-Match` (or `If-None-Match: *`),
+    which the store decides; on a local disk a lock file serialises the check and
+    the rename. Other stores have no conditional write that fsspec reaches, and are
+    refused rather than raced.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    data = (json.dumps(payload, indent=2, default=str) + "\n").encode()
+    if isinstance(fs, LocalFileSystem):
+        import fcntl
+
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+            try:
+                current = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                return None
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, path)
+            return hashlib.sha256(data).hexdigest()
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        raise OSError(f"{path}: conditional writes are supported on S3 and local disks, not {fs.protocol}")
+    condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+    try:
+        out = fs.pipe_file(path, data, **condition)
+    except OSError as exc:
+        if _precondition_failed(exc):
+            return None
+        raise
+    etag = out.get("ETag") if isinstance(out, dict) else None
+    return etag or fs.info(path, refresh=True)["ETag"]
 
 
 def read_json(fs, path: str) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.errors import ConfigError
 from pipelines.io.storage import join, read_json, write_json_atomic
+from pipelines.run.lease import Lease
 from pipelines.stages.read import InputPlan
 
 log = logging.getLogger(__name__)
@@ -152,19 +153,51 @@ def committed_results(manifests: dict[str, Manifest]) -> list[str]:
     return sorted(f for m in manifests.values() if m.state == "committed" for f in m.results)
 
 
-def remove_uncommitted(fs, run_root: str, committed: dict[str, Manifest]) -> int:
-    """Delete files no manifest lists (an interrupted attempt's, or a retried task's); return how many."""
-    listed = {f for m in committed.values() for f in (*m.results, *m.rejects)}
-    removed = 0
+def _run_files(fs, run_root: str) -> set[str]:
+    """The Parquet files under the run's results and rejects, as the filesystem names them (one listing each)."""
+    found: set[str] = set()
     for sub in ("results", "rejects"):
         folder = join(run_root, sub)
-        if not fs.exists(folder):
-            continue
-        for path in fs.find(folder):
-            if path.endswith(".parquet") and path not in listed and _plain(path) not in listed:
-                fs.rm(path)
-                removed += 1
+        if fs.exists(folder):
+            found.update(_plain(p) for p in fs.find(folder) if p.endswith(".parquet"))
+    return found
+
+
+def remove_uncommitted(fs, run_root: str, committed: dict[str, Manifest]) -> int:
+    """Delete files no manifest lists (an interrupted attempt's, or a retried task's); return how many.
+
+    Only the holder of the run's lease calls this (`pipelines.run.lease`): a live
+    attempt's in-flight files are unlisted too, and must not be taken from under it.
+    """
+    listed = {_plain(f) for m in committed.values() for f in (*m.results, *m.rejects)}
+    removed = 0
+    for path in sorted(_run_files(fs, run_root) - listed):
+        fs.rm(path)
+        removed += 1
     return removed
+
+
+def drop_broken_manifests(fs, run_root: str, manifests: dict[str, Manifest]
+                          ) -> tuple[dict[str, Manifest], list[Manifest]]:
+    """Manifests whose files are all there, and those that list a file that is gone, now removed.
+
+    A committed shard can lose files to an older tokenmill's cleanup racing a live
+    attempt, or to a hand or a lifecycle rule: its shard is then run again rather
+    than failing every resume on the missing file.
+    """
+    present = _run_files(fs, run_root)
+    good: dict[str, Manifest] = {}
+    broken: list[Manifest] = []
+    for key, m in manifests.items():
+        missing = [f for f in (*m.results, *m.rejects) if _plain(f) not in present]
+        if not missing:
+            good[key] = m
+            continue
+        log.error("shard %s: its manifest lists %d files that are gone (first: %s); the shard is run again",
+                  m.path, len(missing), missing[0])
+        fs.rm(join(run_root, MANIFESTS, f"{key}.json"))
+        broken.append(m)
+    return good, broken
 
 
 def _plain(path: str) -> str:
@@ -192,8 +225,9 @@ class ShardProgress:
 class Committer:
     """Tracks what the write stage reports, shard by shard, and commits each shard when all its rows are written."""
 
-    def __init__(self, fs, run_root: str, plan: InputPlan, *, rejects: pa.Schema, run_id: str):
-        self.fs, self.run_root, self.rejects, self.run_id = fs, run_root, rejects, run_id
+    def __init__(self, fs, run_root: str, plan: InputPlan, *, rejects: pa.Schema, run_id: str,
+                 lease: Lease | None = None):
+        self.fs, self.run_root, self.rejects, self.run_id, self.lease = fs, run_root, rejects, run_id, lease
         self.progress = {s.key: ShardProgress(s.key, s.uri, s.num_rows) for s in plan.shards}
         self.committed: list[str] = []
 
@@ -205,6 +239,8 @@ class Committer:
     def _write(self, manifest: Manifest) -> bool:
         """Commit a shard; False (and this attempt's files for it deleted) when another attempt did first."""
         path = join(self.run_root, MANIFESTS, f"{manifest.shard}.json")
+        if self.lease is not None:
+            self.lease.check(f"commit shard {manifest.path}")
         if write_json_atomic(self.fs, path, manifest.model_dump(mode="json"), exclusive=True):
             return True
         log.warning("shard %s was committed by another attempt of this run; dropping this attempt's files",

@@ -1,0 +1,189 @@
+"""A real multi-node Ray cluster (`ray start`: a head and two worker nodes on 127.0.0.1, `ray_nodes`), jobs
+submitted through its Jobs API with `tokenmill submit`, input and output in S3 with credentials that reach the
+job only through the nodes' environment.
+
+One night is submitted with a replica on each worker node; one node is killed
+with SIGKILL mid-run (its raylet first, then its Ray workers). Ray Data retries
+the lost batches and restarts the lost replica on the node that is left, and the
+run finishes without an operator: every id once, the rework within the lost
+replica's batches, the loss in the summary. The killed node's engine processes
+die within seconds (their watchdog). The night again is found and not rerun,
+and no credential is in any log or output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from conftest import S3_KEY, S3_SECRET, jobs_api
+
+from pipelines.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "tokenmill-cluster"
+NIGHT = "2026-11-27"
+SHARDS, ROWS = 4, 24
+
+
+def _bucket(client) -> None:
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+def _upload(client, prefix: str) -> list[str]:
+    _bucket(client)
+    table = pq.read_table(REPO / "data/samples/tickets").slice(0, SHARDS * ROWS)
+    for k in range(SHARDS):
+        buf = io.BytesIO()
+        pq.write_table(table.slice(k * ROWS, ROWS), buf)
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/part-{k}.parquet", Body=buf.getvalue())
+    return table.column("ticket_id").to_pylist()
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _objects(client, prefix: str) -> dict[str, bytes]:
+    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in _keys(client, prefix)}
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return f"{p.name()} {' '.join(p.cmdline())}"
+    except psutil.Error:
+        return ""
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.cluster
+def test_a_local_output_path_is_refused_on_a_multi_node_cluster(ray_nodes, tmp_path):
+    out = tmp_path / "out"
+    env = {**ray_nodes.env, "RAY_ADDRESS": ray_nodes.gcs}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(REPO / "conf/jobs/ticket_triage.yaml"),
+                           "--set", f"output.path={out}", "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"output.path: {out} is a local path, but the Ray cluster" in done.stderr
+    assert "has 3 nodes" in done.stderr and "s3://" in done.stderr
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.engine
+@pytest.mark.cluster
+def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_env, model_path, capsys):
+    client = s3_env.client()
+    ids = _upload(client, f"tickets/{NIGHT}")
+    submit = ["submit", str(REPO / "conf/jobs/ticket_triage.yaml"), "--date", NIGHT, "--address", ray_nodes.address,
+              "--runtime-env", str(REPO / "conf/runtime_env.yaml"), "--poll", "1",
+              "--set", f"input.path=s3://{BUCKET}/tickets/{{date}}/", "--set", f"output.path=s3://{BUCKET}/triage/",
+              # Every record generates its 16 tokens in batches of 4, two replicas: the run is mid-way when a
+              # node is lost, with work on both.
+              "--set", "sampling.max_tokens=16", "--set", "sampling.ignore_eos=true", "--set", "batch_size=4",
+              "--set", "actors.min=2", "--set", "actors.max=2"]
+    # (The spec is checked where the command runs, before submitting: s3_env gives this process the store too.)
+    assert main([*submit, "--no-wait"]) == 0, capsys.readouterr().out[-4000:]
+    assert f"submitted tokenmill-ticket_triage-{NIGHT}" in capsys.readouterr().out
+    sid = f"tokenmill-ticket_triage-{NIGHT}"
+    api = jobs_api(ray_nodes.address)
+
+    def ready_replicas() -> list[dict]:
+        entries = [json.loads(v) for k, v in _objects(client, "triage/").items() if "/_engines/" in k]
+        return [e for e in entries if e.get("ready_at")]
+
+    deadline = time.monotonic() + 420
+    while len(ready := ready_replicas()) < 2:
+        status = str(api.get_job_status(sid))
+        if "SUCCEEDED" in status or "FAILED" in status:
+            Path("/tmp/joblog.txt").write_text(api.get_job_logs(sid))
+        assert "SUCCEEDED" not in status and "FAILED" not in status, (ready, api.get_job_logs(sid)[-3000:])
+        assert time.monotonic() < deadline, "two replicas never became ready"
+        time.sleep(0.5)
+    # Placement is visible: a replica on each worker node.
+    names = {n["node_id"]: next(r for r in n["resources_total"] if r.startswith("node_"))
+             for n in ray_nodes.alive_nodes() if not n["is_head_node"]}
+    assert sorted(names[e["node"]] for e in ready) == ["node_a", "node_b"], ready
+    run_dir = next(k for k in _keys(client, "triage/") if k.endswith("/_run.json")).rsplit("/", 1)[0]
+    assert f"{run_dir}/_SUCCESS" not in _keys(client, run_dir)  # still running
+
+    # Lose node_a: its raylet and the rest of its Ray daemons first, so that the replica must notice alone...
+    victim = [e["node"] for e in ready if names[e["node"]] == "node_a"][0]
+    procs = ray_nodes.processes("node_a")
+    engines = [p for p in procs if "VLLM" in _cmdline(p)]
+    Path("/tmp/procs.txt").write_text("\n".join(f"{p.pid} {p.ppid()} {_cmdline(p)[:200]}" for p in procs) + "\n\nALL\n" + "\n".join(f"{p.pid} {p.ppid()} {_cmdline(p)[:150]}" for p in psutil.process_iter()))
+    assert engines, [_cmdline(p) for p in procs]
+    workers = [p for p in procs if _cmdline(p).startswith("ray::")]
+    daemons = [p for p in procs if p not in engines and p not in workers and "pipelines.stages.watchdog" not in
+               _cmdline(p)]
+    t0 = time.monotonic()
+    for p in daemons:
+        p.kill()
+    while alive := [p for p in engines if _alive(p)]:
+        assert time.monotonic() - t0 < 30, f"the lost node's engine lives on: {[_cmdline(p) for p in alive]}"
+        time.sleep(0.05)
+    print(f"node_a's engine processes were gone {time.monotonic() - t0:.2f} s after kill -9 of its raylet")
+    for p in workers:  # ...then whatever of its Ray workers is left: the node is gone whole
+        if _alive(p):
+            p.kill()
+
+    # The run finishes by itself: no operator, no second submission.
+    assert main([*submit, "--timeout", "600"]) == 0, capsys.readouterr().out[-4000:]
+    out = capsys.readouterr().out
+    assert f"{sid} ended SUCCEEDED" in out and "submitted tokenmill" not in out
+    outputs = _objects(client, "triage/")
+    summary = json.loads(outputs[f"{run_dir}/summary.json"])
+    results = pl.concat([pl.read_parquet(io.BytesIO(outputs[u.removeprefix(f"s3://{BUCKET}/")]))
+                         for u in summary["output"]["results"]])
+    assert sorted(results["ticket_id"].to_list()) == sorted(ids), "an id is missing or written twice"
+    assert summary["records_in"] == len(ids) == summary["records_out"] and not summary["output"]["rejects"]
+    listed = {u.removeprefix(f"s3://{BUCKET}/") for u in summary["output"]["results"]}
+    assert {k for k in outputs if k.endswith(".parquet")} == listed  # nothing unlisted left behind
+    attempt = summary["attempt"]
+    print(f"node loss: {len(ids)} rows in, {results.height} out, {attempt['rows_redone']} generated twice, "
+          f"{attempt['replicas_started']} replicas started, wall {summary['wall_s']:.1f} s")
+    assert attempt["nodes_lost"] == [victim] and attempt["replicas_started"] >= 3, attempt
+    # The rework is the lost replica's batches in flight: Ray Data gives an actor at most 4 calls at once
+    # (2 running, 2 queued; `max_tasks_in_flight_per_actor`), of batch_size rows each, plus those it had
+    # finished whose outputs were still in the lost node's object store.
+    assert attempt["rows_redone"] <= 2 * 4 * 4, attempt
+
+    # The same night again: recognised, nothing submitted.
+    assert main(submit) == 0
+    again = capsys.readouterr().out
+    assert "already ran; nothing submitted" in again and "submitted tokenmill" not in again
+    assert [j.submission_id for j in api.list_jobs() if j.submission_id.startswith(sid)] == [sid]
+
+    # The credentials are in no job log, driver or worker log of any node, output file, summary or report.
+    logs = api.get_job_logs(sid)
+    assert "ticket_triage" in logs
+    places = {"job log": logs.encode(), **{f"s3://{BUCKET}/{k}": v for k, v in _objects(client, "").items()}}
+    files = [p for p in Path(ray_nodes.temp).rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name.startswith("job-driver-") for p in files)  # the driver's log is among them
+    for path in files:
+        try:
+            places[str(path)] = path.read_bytes()
+        except OSError:
+            continue
+    assert len(places) > 20
+    for secret in (S3_SECRET, S3_KEY):
+        leaked = [where for where, data in places.items() if secret.encode() in data]
+        assert not leaked, f"{secret} found in {leaked[:5]}"
