@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-resume", dest="resume", action="store_false", help="refuse a run id that already exists")
     run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    run.add_argument("--wait", type=positive_seconds, metavar="SECONDS",
+                     help="when another attempt holds the run's lease, wait up to this long for it to end instead "
+                          "of refusing at once (sets lease.wait_s)")
 
     check = sub.add_parser("check", help="validate a job spec and its input without running it")
     _add_job_args(check)
@@ -171,6 +174,12 @@ def format_summary(summary: RunSummary) -> str:
                                                          for q in s["input"]["quarantined"])))
     if s.get("resumed"):
         rows.insert(1, ("resumed", f"yes: {s['shards_redone']} shard(s) run in this attempt"))
+    a = s.get("attempt") or {}
+    if a.get("took_over_from") or a.get("shards_lost"):
+        rows.insert(1, ("attempt", f"lease token {a['lease_token']}"
+                        + (f", took over from {a['took_over_from']}" if a.get("took_over_from") else "")
+                        + (f"; {a['shards_lost']} committed shard(s) had lost files and were run again"
+                           if a.get("shards_lost") else "")))
     q = s.get("quality")
     if q and "accuracy" in q:
         rows.append(("accuracy", f"{num(q['accuracy'], '.3f')} on {q['records_with_truth']:,} records "
@@ -189,7 +198,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.config import load_job
     from pipelines.run.runner import run_job
 
-    job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date,
+    overrides = [*args.overrides, *([f"lease.wait_s={args.wait}"] if args.wait else [])]
+    job = load_job(args.job, overrides=overrides, conf_dir=args.conf_dir, partition=args.date,
                    engine_overrides=args.engine_overrides)
     summary = run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume)
     if args.json:

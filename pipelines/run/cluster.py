@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipelines.errors import ConfigError
+from pipelines.io.storage import protocol_of
 from pipelines.run import small_host
 
 
@@ -27,3 +29,35 @@ def ensure_ray() -> None:
     with small_host.daemon_env(small_host.QUIET_CLUSTER_ENV):
         ray.init(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
     small_host.tune()
+
+
+def dead_nodes() -> set[str]:
+    """The ids of the cluster's nodes that have died (empty without a cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        return set()
+    return {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)}
+
+
+def check_reachable(paths: dict[str, str | None]) -> None:
+    """Refuse local paths when the cluster this driver joins has more than one node.
+
+    Each node would read and write its own disk: the driver's commits would list
+    files that other nodes cannot see, and the results would be scattered. Object
+    storage (s3://, gs://) is what every node reaches. A local cluster started by
+    the driver has one node, and local paths are fine there.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    local = {key: path for key, path in paths.items() if path and protocol_of(path) in ("file", "local", "memory")}
+    if local:
+        key, path = next(iter(local.items()))
+        raise ConfigError(f"{key}: {path} is a local path, but the Ray cluster at {os.environ.get('RAY_ADDRESS')} "
+                          f"has {len(nodes)} nodes, each with a disk of its own: the replicas on other nodes "
+                          "could not read or write it. Use object storage (s3://, gs://) that every node reaches")

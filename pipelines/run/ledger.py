@@ -25,17 +25,26 @@ log = logging.getLogger(__name__)
 LEDGER_DIR = "_engines"
 
 
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (a lost node's replicas are named in the summary), if under Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class ReplicaLedger:
     """One replica's entry in the ledger; written by the engine actor itself."""
 
     def __init__(self, fs, run_root: str, *, attempt: str, profile: str) -> None:
         self.fs = fs
         self.path = join(run_root, LEDGER_DIR, f"{attempt}-{uuid.uuid4().hex[:12]}.json")
-        self.entry: dict[str, Any] = {"attempt": attempt, "profile": profile, "created_at": time.time(), "ready_at": None,
+        self.entry: dict[str, Any] = {"attempt": attempt, "profile": profile, "node": _node_id(),
+                      "created_at": time.time(), "ready_at": None,
                       "engine_start_s": None, "last_seen": time.time(), "stopped_at": None, "batches": 0,
                       "rows": 0, "output_tokens": 0, "busy_s": 0.0, "first_batch_start": None}
         self._lock = threading.Lock()
         self._busy_until = 0.0
+        self._save()  # at once: a replica lost while its engine starts is still billed, and its node known
 
     def _save(self) -> None:
         try:

@@ -55,7 +55,8 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> RunSumma
                         wall=attempts.wall_s if attempts else 0.0,
                         started_at=dt.datetime.fromisoformat(attempts.started_at if attempts else state.created_at),
                         resumed=attempts.resumed if attempts else False,
-                        shards_redone=attempts.shards_redone if attempts else 0)
+                        shards_redone=attempts.shards_redone if attempts else 0,
+                        attempt=earlier.attempt if earlier else None)
     if attempts is not None:
         summary.finished_at = attempts.finished_at
     if earlier is not None:  # what only the summary kept: the adapter, and the OpenAI batch files

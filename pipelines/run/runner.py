@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -18,7 +19,7 @@ from pipelines.io.openai_batch import request_files, stage_requests, write_batch
 from pipelines.io.storage import filesystem_for, join
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, check_adapter
-from pipelines.run.cluster import ensure_ray
+from pipelines.run.cluster import check_reachable, dead_nodes, ensure_ray
 from pipelines.run.commit import (
     RUN_FILE,
     SUCCESS,
@@ -27,16 +28,18 @@ from pipelines.run.commit import (
     Success,
     committed_results,
     create_run_record,
+    drop_broken_manifests,
     read_manifests,
     read_run_record,
     remove_uncommitted,
     write_success,
 )
 from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
+from pipelines.run.lease import Lease
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
 from pipelines.run.report import write_report
-from pipelines.run.summary import RunSummary, read_summary, summarize
+from pipelines.run.summary import AttemptInfo, RunSummary, read_summary, summarize
 from pipelines.stages.engine import vllm_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
 from pipelines.stages.read import InputPlan, find_duplicates, plan_input
@@ -64,7 +67,8 @@ def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan | lis
 def spec_fingerprint(job: Job) -> str:
     """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
     spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
-                                                        "failures": True, "storage": True, "description": True})
+                                                        "failures": True, "storage": True, "description": True,
+                                                        "lease": True})
     # The stand-in's pace and the process the engine core runs in change how long it takes, not what it answers.
     engine = job.engine.model_dump(mode="json", exclude={"description", "stand_in_s_per_request", "engine_process"})
     payload = {"spec": spec, "engine": engine}
@@ -106,6 +110,17 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
     return None
 
 
+def attempt_info(lease: Lease, ledger: list[dict], *, engine_rows: int, shards_lost: int) -> AttemptInfo:
+    """What this attempt did besides its results: its lease, and what it lost and redid (replicas, nodes, rows)."""
+    mine = [e for e in ledger if e["attempt"] == lease.attempt]
+    nodes = {e["node"] for e in mine if e.get("node")}
+    lost = sorted(nodes & dead_nodes()) if nodes else []
+    return AttemptInfo(attempt=lease.attempt, holder=lease.holder, lease_token=lease.token,
+                       took_over_from=lease.previous.holder if lease.previous else None, shards_lost=shards_lost,
+                       replicas_started=len(mine), nodes_lost=lost,
+                       rows_redone=max(0, sum(e["rows"] for e in mine) - engine_rows))
+
+
 def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True) -> RunSummary:
     """Run a job end to end, or resume it; return its summary (also written as `summary.json`).
 
@@ -123,9 +138,31 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     storage, adapter, checked = preflight(job)
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
+    if os.environ.get("RAY_ADDRESS"):  # joining a running cluster, as under `ray job submit`: check it first
+        ensure_ray()
+        check_reachable({"output.path": spec.output.path, "input.path": spec.input.path,
+                         "cache.path": spec.cache.path if spec.cache else None,
+                         "lora.path": spec.lora.path if spec.lora else None})
     finished = _open_run(job, out_fs, run_root, run_id, fingerprint, resume)
     if finished is not None:
         return finished.model_copy(update={"resumed": True, "shards_redone": 0})
+    attempt = uuid.uuid4().hex[:8]
+    lease = Lease(out_fs, run_root, attempt=attempt, ttl_s=spec.lease.ttl_s).acquire(wait_s=spec.lease.wait_s)
+    try:
+        finished = read_summary(out_fs, run_root) if out_fs.exists(join(run_root, SUCCESS)) else None
+        if finished is not None:  # the attempt this one waited for finished the run
+            return finished.model_copy(update={"resumed": True, "shards_redone": 0})
+        return _run_attempt(job, run_id=run_id, run_root=run_root, out_fs=out_fs, storage=storage,
+                            adapter=adapter, checked=checked, lease=lease, progress=progress)
+    finally:
+        lease.release()
+
+
+def _run_attempt(job: Job, *, run_id: str, run_root: str, out_fs, storage: StorageOptions, adapter: Adapter | None,
+                 checked: InputPlan | list[str], lease: Lease, progress: bool) -> RunSummary:
+    """The run, by the attempt that holds its lease: clean up, generate what is left, commit, summarise."""
+    spec = job.spec
+    attempt = lease.attempt
     if isinstance(checked, InputPlan):
         plan = checked
     else:  # OpenAI batch request files: checked and staged as Parquet, then read like any input
@@ -134,12 +171,15 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
 
     manifests = read_manifests(out_fs, run_root)
     resumed = bool(manifests)
+    lease.check("clean up the run folder")
+    # Only this attempt holds the lease, so every file no manifest lists is another attempt's debris.
+    manifests, lost = drop_broken_manifests(out_fs, run_root, manifests)
     removed = remove_uncommitted(out_fs, run_root, manifests)
     todo = plan.without(set(manifests))
     if resumed:
         log.info("run %s: resuming: %d shards committed, %d to do, %d stale files removed",
                  run_id, len(manifests), len(todo.shards), removed)
-    committer = Committer(out_fs, run_root, todo, rejects=rejects_schema(job, plan), run_id=run_id)
+    committer = Committer(out_fs, run_root, todo, rejects=rejects_schema(job, plan), run_id=run_id, lease=lease)
     committer.quarantine_unread(todo)
     duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
                   if spec.input.format == "parquet" and todo.shards else {})
@@ -147,6 +187,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     aborted = None
+    engine_rows = 0  # rows this attempt's engines generated that were committed
     if todo.shards:
         _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
         ensure_ray()
@@ -154,7 +195,6 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = progress
-        attempt = uuid.uuid4().hex[:8]
         processed = failed = 0
         meter = Progress(job, run_id, out_fs, run_root, total=sum(s.num_rows for s in todo.shards))
         try:
@@ -163,9 +203,11 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
                                ledger=functools.partial(ReplicaLedger, out_fs, run_root, attempt=attempt),
                                duplicates=duplicates)
             for n, written in enumerate(ds.iter_rows()):
+                lease.check("go on with the run")  # an attempt fenced out stops at once, not at its next commit
                 committer.record(written)
                 meter.add(written)
                 processed += written["results_rows"] + written["rejects_rows"]
+                engine_rows += written["engine_rows"]
                 failed += written["failed_rows"] + written["rejects_rows"]
                 limit = spec.failures
                 if processed >= limit.min_records and failed > limit.max_share * processed:
@@ -189,14 +231,17 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
                           f"({', '.join(p.uri for p in incomplete[:3])}); run again to resume")
 
     manifests = read_manifests(out_fs, run_root)
+    lease.check("finish the run")
     remove_uncommitted(out_fs, run_root, manifests)  # files of retried tasks and quarantined shards
-    engine = EngineStats.from_ledger(read_ledger(out_fs, run_root))
+    ledger = read_ledger(out_fs, run_root)
+    engine = EngineStats.from_ledger(ledger)
     if spec.cost.mode == "accelerator_time":
         bill = accelerator_bill(engine, job.accelerator_billing()[0], job.engine.billed_units)
         attribute_accelerator_cost(out_fs, committed_results(manifests), compute_usd=bill["compute_usd"],
                                    overhead_usd=bill["overhead_usd"], compression=spec.output.parquet_compression)
     summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=engine, wall=wall,
-                        started_at=started_at, resumed=resumed, shards_redone=len(todo.shards))
+                        started_at=started_at, resumed=resumed, shards_redone=len(todo.shards),
+                        attempt=attempt_info(lease, ledger, engine_rows=engine_rows, shards_lost=len(lost)))
     if spec.output.format == "openai_batch":
         batch = write_batch_files(summary.output.results, summary.output.rejects, out_fs, run_root,
                                   id_column=spec.id_column, run_id=run_id, created=int(started_at.timestamp()))
@@ -204,6 +249,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
     write_report(out_fs, run_root, summary, storage)
+    lease.check("write _SUCCESS")
     write_success(out_fs, run_root, Success(
         run_id=run_id, results=summary.output.results, rejects=summary.output.rejects,
         **summary.model_dump(include={"records_in", "records_out", "records_rejected", "prompt_tokens",

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 2  # 2: `attempt`
 
 
 class QuarantinedShard(BaseModel):
@@ -59,6 +59,21 @@ class SummaryOutput(BaseModel):
     output_lines: int | None = None
     error_file: str | None = None
     error_lines: int | None = None
+
+
+class AttemptInfo(BaseModel):
+    """The attempt that finished the run: who held its lease, and what it found left by earlier ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: str
+    holder: str
+    lease_token: int  # 1 for the first attempt; one more at every takeover of an expired lease
+    took_over_from: str | None = None  # the holder of the expired lease this attempt took over
+    shards_lost: int = 0  # committed shards whose files had gone missing, redone by this attempt
+    replicas_started: int = 0  # engine replicas this attempt started, restarts included
+    nodes_lost: list[str] = []  # Ray nodes that ran a replica of this attempt and were dead at its end
+    rows_redone: int = 0  # rows generated more than once: their first answers were lost with a replica or node
 
 
 class RunSummary(BaseModel):
@@ -113,6 +128,7 @@ class RunSummary(BaseModel):
     by_shard: dict[str, dict[str, Any]] | None = None
     by_label: dict[str, dict[str, Any]] | None = None
     quality: dict[str, Any] | None = None
+    attempt: AttemptInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""
@@ -308,7 +324,8 @@ def quality(results: pl.LazyFrame, spec) -> dict | None:
 
 
 def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: StorageOptions, *, adapter, engine,
-              wall: float, started_at: dt.datetime, resumed: bool, shards_redone: int) -> RunSummary:
+              wall: float, started_at: dt.datetime, resumed: bool, shards_redone: int,
+              attempt: AttemptInfo | None = None) -> RunSummary:
     """The run's summary from its committed files only, so it always agrees with what readers see."""
     spec = job.spec
     protocol = protocol_of(spec.output.path)
@@ -366,4 +383,5 @@ def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: St
         "by_shard": by_shard(results, {k: m.path for k, m in manifests.items()}) if results is not None else None,
         "by_label": by_label(results) if results is not None and spec.task == "classify" else None,
         "quality": found,
+        "attempt": attempt,
     })

@@ -29,6 +29,7 @@ WRITTEN = pa.schema([
     ("shard", pa.string()),
     ("results_file", pa.string()),
     ("results_rows", pa.int64()),
+    ("engine_rows", pa.int64()),  # of the results, those the engine generated (not answered from the cache)
     ("failed_rows", pa.int64()),
     ("rejects_file", pa.string()),
     ("rejects_rows", pa.int64()),
@@ -89,6 +90,7 @@ def write_batch(batch: pa.Table, *, fs, run_root: str, results: pa.Schema, rejec
         ok, bad = mine.filter(generated), mine.filter(pc.invert(generated))
         name = uuid.uuid4().hex
         row: dict[str, Any] = {"shard": key, "results_file": None, "results_rows": ok.num_rows,
+                               "engine_rows": ok.num_rows - (pc.sum(ok.column("cached")).as_py() or 0),
                                "failed_rows": ok.num_rows - ok.column("error_code").null_count,
                                "rejects_file": None, "rejects_rows": bad.num_rows,
                                "quarantine_code": marker.column("error_code")[0].as_py() if marker.num_rows else None,

@@ -15,6 +15,7 @@ import pytest
 from pipelines.cli import main
 from pipelines.config import load_job
 from pipelines.run.commit import read_success
+from pipelines.run.summary import SUMMARY_SCHEMA_VERSION
 from pipelines.stages.standin import REFUSE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ def test_a_whole_run_on_the_stand_in_engine(task_job, ray_cluster, model_path, t
     assert main(args) == 0, capsys.readouterr().err[-3000:]
     summary = json.loads(capsys.readouterr().out)
     assert summary["records_in"] == 12 and summary["engine_dtype"] == "stand-in" and summary["model"] == "stand-in"
-    assert summary["schema_version"] == 1
+    assert summary["schema_version"] == SUMMARY_SCHEMA_VERSION
     assert (summary["by_label"] is None) == (task_job == "invoice_fields")  # a section without figures is null
     success = read_success(fsspec.filesystem("file"), summary["output"]["path"])
     assert (success.records_in, success.results, success.rejects) == (
