@@ -21,6 +21,7 @@ from pipelines.config.engine import EngineProfile
 from pipelines.config.job import SamplingSpec
 from pipelines.errors import ConfigError
 from pipelines.paths import tokenmill_home
+from pipelines.stages import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def make_llm(profile: EngineProfile, model_path: str, tokenizer_path: str, **ext
     # vLLM reads it when the engine starts: the engine follows the profile even in a process that was not started
     # with `actor_env` (the actors and the bench's engine children are).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = actor_env(profile)["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    # Before the engine spawns its processes: they carry this process's mark, and die with it (`watchdog`).
+    watchdog.start()
     from vllm import LLM
 
     kwargs = {**profile.engine_args.to_vllm_kwargs(), "dtype": engine_dtype(profile), **extra}

@@ -21,7 +21,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tokenmill_driver
+from conftest import QUICK_START_ARGS, tokenmill_driver
 
 from pipelines.cli import main
 
@@ -78,8 +78,9 @@ def make_input(client, prefix: str, good_shards: int = 6, rows: int = 10) -> dic
 def overrides(prefix: str, run: str, *, stand_in: bool = False) -> list[str]:
     """The run's arguments; `stand_in`: the stand-in engine at a pace that leaves time to strike mid-run, for
     faults of the driver (the engine is not what they test; `test_engine_and_actor_killed_mid_run` is on vLLM)."""
+    # A killed driver's lease lives on for its ttl: a short one, and a wait, let the next driver take it over.
     sets = [f"input.path=s3://{BUCKET}/{prefix}/", f"output.path=s3://{BUCKET}/out/", "sampling.max_tokens=12",
-            "batch_size=4", "failures.max_share=0.5"]
+            "batch_size=4", "failures.max_share=0.5", "lease.ttl_s=3", "lease.wait_s=30"]
     engine = ["--set", "engine=stand-in", "--engine-set", "stand_in_s_per_request=0.05"] if stand_in else []
     return ["--run-id", run, "--no-progress", *[a for s in sets for a in ("--set", s)], *engine]
 
@@ -132,6 +133,13 @@ def _cmdline(p: psutil.Process) -> str:
         return f"{p.name()} {' '.join(p.cmdline())}"
     except psutil.Error:
         return ""
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -222,14 +230,40 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
                 pass
         return victims
 
+    def gone_after(spawned: list[psutil.Process], what: str, limit: float = 15) -> float:
+        """Seconds from now until none of `spawned` runs (a zombie waiting to be reaped is gone)."""
+        t0 = time.monotonic()
+        while alive := [p for p in spawned if _alive(p)]:
+            assert time.monotonic() - t0 < limit, f"after {what}, {[_cmdline(p) for p in alive]} live on"
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        with capsys.disabled():
+            print(f"\nthe replica's engine processes were gone {took:.2f} s after {what}")
+        return took
+
     # The moments come from the processes and the replica's ledger, not from when results appear: Ray Data may
     # write a run's results in one burst at its end.
     wait_for(engine_ready, proc)
     first = engines()
     assert kill("VLLM::EngineCore") == len(first) == 1  # the engine process: the replica starts a new engine
     wait_for(lambda: bool(engines() - first), proc)  # its replacement is starting, the run's work still ahead
-    assert kill("MapWorker(MapBatches(GenerateStage))") >= 1  # now the whole replica: Ray restarts it
-    assert proc.wait(timeout=600) == 0, proc.log.read_text()[-3000:]
+    # Now the whole replica: Ray restarts it, and the engine it had started dies with it (its watchdog).
+    [replica] = named("MapWorker(MapBatches(GenerateStage))")
+    spawned = replica.children(recursive=True)
+    assert any("VLLM::EngineCore" in _cmdline(p) for p in spawned), [_cmdline(p) for p in spawned]
+    before = engines()
+    replica.kill()
+    gone_after(spawned, "kill -9 of the replica's actor")
+    wait_for(lambda: bool(engines() - before), proc)  # the restarted replica's engine is starting
+    # Then the driver: Ray ends the job's actors, and their engines go with them.
+    [replica] = named("MapWorker(MapBatches(GenerateStage))")
+    spawned = [replica, *replica.children(recursive=True)]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone_after(spawned, "kill -9 of the driver", limit=30)
+    # The run is resumed as after any killed driver, and ends with every id once.
+    assert main(["run", str(JOB), *overrides(prefix, run), "--set", "sampling.max_tokens=16",
+                 "--set", "sampling.ignore_eos=true", *QUICK_START_ARGS]) == 0, capsys.readouterr().err[-3000:]
     check_run(client, run, expected)
 
 
@@ -257,3 +291,54 @@ def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_en
     assert main(["run", str(JOB), *args, "--set", "failures.max_share=0.9"]) == 0
     summary = json.loads(client.get_object(Bucket=BUCKET, Key="out/breaker/summary.json")["Body"].read())
     assert summary["records_in"] == 40 and summary["records_rejected"] == 20 and summary["records_ok"] == 20
+
+
+@pytest.mark.engine
+def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_cluster, s3_env, model_path, tmp_path):
+    """Attempt A has written results it has not committed. A second attempt is refused, naming A. A then
+    stalls (SIGSTOP) past its lease; a third attempt takes the lease over, cleans A's debris and finishes; A, woken,
+    finds its lease gone and commits nothing. Every listed file exists and every id is there exactly once."""
+    client = s3_env.client()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    prefix, run = "in-lease", "lease-race"
+    expected = make_input(client, prefix, good_shards=4)
+    root = f"out/{run}/"
+    ttl = 12
+    # Half a CPU per replica: the stalled attempt's replica keeps its share, and the cluster has two.
+    args = [*overrides(prefix, run), "--set", f"lease.ttl_s={ttl}", "--set", "lease.wait_s=0", *QUICK_START_ARGS,
+            "--engine-set", "resources.num_cpus=0.5", "--set", "sampling.max_tokens=16",
+            "--set", "sampling.ignore_eos=true"]
+
+    def lease() -> dict:
+        return json.loads(client.get_object(Bucket=BUCKET, Key=f"{root}_lease.json")["Body"].read())
+
+    def uncommitted_results() -> bool:
+        found = keys(client, root)
+        committed = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in found if "/_manifests/" in k}
+        return any(k.split("/")[3] not in committed for k in found if "/results/" in k)
+
+    a = driver(args, tmp_path / "a.log")
+    wait_for(uncommitted_results, a)
+    refused = driver(args, tmp_path / "b.log")
+    assert refused.wait(timeout=120) == 7, refused.log.read_text()[-2000:]
+    said = refused.log.read_text()
+    assert "being run by " in said and f"pid {a.pid}" in said and "lease token 1" in said, said[-2000:]
+    assert a.poll() is None, "the first attempt ended before the fault"
+    a.send_signal(signal.SIGSTOP)  # stalled, not dead: its lease runs out, its replica lives on
+    try:
+        while lease()["expires_at"] > time.time():
+            time.sleep(0.5)
+        taker = driver(args, tmp_path / "c.log")
+        wait_for(lambda: lease()["token"] == 2, taker)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    assert a.wait(timeout=300) == 7, a.log.read_text()[-3000:]
+    assert "_lease.json: refused to " in a.log.read_text(), a.log.read_text()[-3000:]
+    assert taker.wait(timeout=600) == 0, taker.log.read_text()[-3000:]
+    summary = check_run(client, run, expected)  # every listed file exists, nothing unlisted, every id once
+    attempt = summary["attempt"]
+    assert attempt["lease_token"] == 2 and f"pid {a.pid}" in attempt["took_over_from"], attempt
+    assert lease()["released"] and lease()["token"] == 2

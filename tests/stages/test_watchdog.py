@@ -1,0 +1,69 @@
+"""The replica watchdog (`pipelines.stages.watchdog`) on real processes: a replica killed with SIGKILL takes the
+processes it spawned with it, even those re-parented or in a session of their own, and no process of another
+replica. The same on a real vLLM engine is in `tests/run/test_faults.py`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A stand-in for an engine actor: starts its watchdog, then spawns what vLLM would (a child, and a grandchild
+# in a session of its own), writes their pids and sleeps until killed.
+REPLICA = textwrap.dedent("""
+    import subprocess, sys, time
+    from pipelines.stages import watchdog
+    watchdog.start()
+    # vLLM titles its processes (VLLM::EngineCore), which overwrites where their environment is read from.
+    child = subprocess.Popen([sys.executable, "-c", "import setproctitle, time; "
+                              "setproctitle.setproctitle('VLLM::EngineCore' + ' ' * 200); time.sleep(600)"])
+    grandchild = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+        "print(p.pid, flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    print(child.pid, grandchild.pid, grandchild.stdout.readline().strip(), flush=True)
+    time.sleep(600)
+""")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _replica() -> tuple[subprocess.Popen, list[int]]:
+    proc = subprocess.Popen([sys.executable, "-c", REPLICA], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3
+    return proc, pids
+
+
+def test_a_replica_killed_with_sigkill_takes_its_processes_with_it():
+    doomed, doomed_pids = _replica()
+    other, other_pids = _replica()  # another replica on the node: untouched
+    try:
+        time.sleep(1)  # the watchdog has seen the replica's processes (it looks four times a second)
+        t0 = time.monotonic()
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+        while any(map(alive, doomed_pids)):
+            assert time.monotonic() - t0 < 10, "the killed replica's processes outlived it"
+            time.sleep(0.1)
+        assert all(map(alive, [other.pid, *other_pids]))
+    finally:
+        other.kill()
+        other.wait()
+    t0 = time.monotonic()
+    while any(map(alive, other_pids)):
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.1)
