@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -274,6 +277,118 @@ def ray_head(s3_server, tmp_path_factory):
     with cluster.ray_head(temp, ["--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                          "--include-dashboard=true", "--num-cpus=4"], env=env, ready=ready):
         yield {"address": address, "temp": temp}
+
+
+class RayNodes:
+    """A multi-node Ray cluster on 127.0.0.1: a head (GCS, dashboard with the Jobs API, no CPUs for work, as
+    KubeRay heads are set up) and worker nodes, each its own `ray start --block` process group with its own
+    custom resource (`node_a`, `node_b`, ...), so that placement is visible and one node can be killed alone."""
+
+    def __init__(self, temp: Path, env: dict[str, str], *, workers: int = 2, worker_cpus: int = 2):
+        # Ray 2.60 turns token authentication on where a token exists (~/.ray/auth_token): every node is told.
+        self.temp, self.env, self.worker_cpus = temp, {"RAY_AUTH_MODE": "token", **env}, worker_cpus
+        self.gcs_port, self.dashboard = _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.gcs = f"127.0.0.1:{self.gcs_port}"
+        self.names = [f"node_{chr(ord('a') + i)}" for i in range(workers)]
+        self.workers: dict[str, subprocess.Popen] = {}
+        self._stack = contextlib.ExitStack()
+
+    @staticmethod
+    def _ports() -> list[str]:
+        return [f"--{name}={_free_port()}" for name in (
+            "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port", "runtime-env-agent-port")]
+
+    def start(self) -> None:
+        def ready() -> bool:
+            try:
+                jobs_api(self.address).list_jobs()
+                return True
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        self._stack.enter_context(cluster.ray_head(
+            self.temp / "head", [f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", *self._ports(),
+                                 f"--ray-client-server-port={_free_port()}", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={self.dashboard}", "--include-dashboard=true", "--num-cpus=0",
+                                 "--object-store-memory=300000000"],
+            env=self.env, ready=ready))
+        self._stack.callback(self.stop_workers)
+        for name in self.names:
+            self.start_worker(name)
+        self.wait_nodes(len(self.names) + 1)
+
+    def start_worker(self, name: str) -> None:
+        log = open(self.temp / f"{name}.log", "ab")
+        self.workers[name] = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", f"--address={self.gcs}", "--block",
+             "--node-ip-address=127.0.0.1", *self._ports(), f"--num-cpus={self.worker_cpus}",
+             f"--resources={json.dumps({name: 1})}", "--object-store-memory=500000000",
+             # A temp folder of its own: two raylets in one session folder would share their socket names.
+             f"--temp-dir={self.temp / name}", "--disable-usage-stats"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's live nodes as the GCS sees them (`ray list nodes`, from outside any driver)."""
+        out = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", "nodes", "--format=json",
+                              f"--address={self.address}", "--limit=100"], env=self.env, capture_output=True,
+                             text=True, timeout=60)
+        try:
+            nodes = json.loads(out.stdout[out.stdout.find("["):])
+        except ValueError:  # the state API is not up yet
+            return []
+        return [n for n in nodes if n.get("state") == "ALIVE"]
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.alive_nodes()
+            if len(nodes) == n:
+                return nodes
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(nodes)} live Ray nodes, not {n}: {nodes}")
+            time.sleep(1)
+
+    def processes(self, name: str) -> list:
+        """A worker node's processes: its `ray start`, raylet, agents and Ray workers, and what they spawned."""
+        import psutil
+
+        root = psutil.Process(self.workers[name].pid)
+        return [root, *root.children(recursive=True)]
+
+    def stop_workers(self) -> None:
+        for proc in self.workers.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        subprocess.run(["pkill", "-9", "-f", f"address={self.gcs}"], check=False)
+
+    def stop(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(s3_server):
+    """A head and two worker nodes (`RayNodes`), for the module that asks; their environment carries the
+    object-store credentials, as a Kubernetes secret or an instance role would on a real cluster. Three
+    logical CPUs a worker: a node that outlives the other has room for both replicas and their tasks."""
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+           "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_REGION": "us-east-1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    # A short folder: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="tm-nodes-", dir="/tmp"))
+    nodes = RayNodes(temp, env, worker_cpus=3)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def jobs_api(address: str):

@@ -150,10 +150,13 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         num_gpus=engine.resources.num_gpus or None,
         accelerator_type=engine.resources.accelerator_type,
         runtime_env={"env_vars": actor_env(engine)},
-        # A replica that dies is restarted and its batch retried, but not forever: a
-        # batch that keeps killing the whole actor fails the run (committed shards stay).
+        # A replica that dies is restarted, on another node if its own is gone, and its batches are retried
+        # until a replica answers: while the cluster has not yet noticed a lost node (tens of seconds), every
+        # call to its replica fails at once, and a few retries would be spent before the restart, failing the
+        # whole run. A request that kills its engine is isolated inside the replica (`EngineClient`); one that
+        # kills the actor process itself is retried until the job's timeout (docs/runs.md).
         max_restarts=-1,
-        max_task_retries=3,
+        max_task_retries=-1,
         udf_modifying_row_count=False,
     )
     return ds.map_batches(
