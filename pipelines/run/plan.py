@@ -24,13 +24,14 @@ from pipelines.config.load import Job, load_engine, load_price_book
 from pipelines.errors import ConfigError
 from pipelines.io.storage import filesystem_for
 from pipelines.models import resolve_engine_paths
+from pipelines.run.cluster import ensure_ray
 from pipelines.run.commit import read_run_record
 from pipelines.run.cost import hosted_comparison
 from pipelines.run.summary import RunSummary, read_summary
 from pipelines.stages.account import tokens_cost
 from pipelines.stages.processor import prompt_kwargs
 from pipelines.stages.prompt import load_tokenizer, render_batch
-from pipelines.stages.read import find_duplicates, plan_input, read_shard_rows
+from pipelines.stages.read import duplicate_pass_on_cluster, find_duplicates, plan_input, read_shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def count_input(job: Job, *, sample: int | None = None) -> dict[str, Any]:
             plan = plan_input(spec, storage, uri=staged)
         else:
             plan = plan_input(spec, storage)
+        if plan.shards and duplicate_pass_on_cluster(plan):
+            ensure_ray()
         duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
                       if spec.input.format == "parquet" and plan.shards else {})
         _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)

@@ -42,7 +42,7 @@ from pipelines.run.report import write_report
 from pipelines.run.summary import AttemptInfo, RunSummary, read_summary, summarize
 from pipelines.stages.engine import vllm_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
-from pipelines.stages.read import InputPlan, find_duplicates, plan_input
+from pipelines.stages.read import InputPlan, duplicate_pass_on_cluster, find_duplicates, plan_input
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def _run_attempt(job: Job, *, run_id: str, run_root: str, out_fs, storage: Stora
                  run_id, len(manifests), len(todo.shards), removed)
     committer = Committer(out_fs, run_root, todo, rejects=rejects_schema(job, plan), run_id=run_id, lease=lease)
     committer.quarantine_unread(todo)
+    if todo.shards and duplicate_pass_on_cluster(plan):
+        ensure_ray()
     duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
                   if spec.input.format == "parquet" and todo.shards else {})
 

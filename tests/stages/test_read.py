@@ -133,6 +133,27 @@ def test_duplicate_ids_by_policy(tmp_path):
     assert every[a][1] == "ticket_id 'T-000002' appears 2 times"
 
 
+@pytest.mark.cluster
+def test_a_large_inputs_duplicate_pass_runs_on_the_cluster_and_finds_the_same_rows(ray_cluster, tmp_path,
+                                                                                  monkeypatch):
+    from pipelines.stages import read
+
+    tickets = pq.read_table(SAMPLES / "part-00000.parquet")
+    pq.write_table(tickets.slice(0, 40), tmp_path / "a.parquet")
+    pq.write_table(pa.concat_tables([tickets.slice(40, 10), tickets.slice(5, 3)]), tmp_path / "b.parquet")
+    ints = tickets.slice(60, 3).set_column(0, "ticket_id", pa.array([900, 901, 900], pa.int64()))
+    pq.write_table(ints, tmp_path / "c.parquet")  # integer ids, read as text: 900 twice
+    p = plan(tmp_path)
+    assert len(p.shards) == 3
+    for policy in ("keep_first", "reject"):
+        here = find_duplicates(p, "ticket_id", policy, StorageOptions())
+        monkeypatch.setattr(read, "DRIVER_DUPLICATE_PASS_MAX_ROWS", 10)
+        assert read.duplicate_pass_on_cluster(p)
+        there = find_duplicates(p, "ticket_id", policy, StorageOptions())
+        monkeypatch.undo()
+        assert there == here and sum(map(len, there.values())) == (4 if policy == "keep_first" else 8)
+
+
 def test_missing_id_column_names_the_key(tmp_path):
     pq.write_table(pa.table({"subject": ["s"], "body": ["b"], "channel": ["c"]}), tmp_path / "x.parquet")
     with pytest.raises(InputError, match=r"column 'ticket_id' \(input\.id_column\) is missing"):
