@@ -210,7 +210,7 @@ def peak_memory_mb() -> dict[str, float | None]:
 
     me = psutil.Process()
     cpu = me.cpu_times()
-    children = me.children(recursive=True)
+    children = [c for c in me.children(recursive=True) if c.pid != watchdog.watchdog_pid()]
     return {"actor_peak_rss_mb": round(vm_hwm_mb("self"), 1),
             "engine_peak_rss_mb": round(sum(vm_hwm_mb(c.pid) for c in children), 1) if children else None,
             # The actor's own CPU (batches in and out, the engine loop, detokenizing), and the engine's when

@@ -103,10 +103,17 @@ def start(env: dict[str, str] | None = None) -> str:
         return mark  # this replica has its watchdog already (an engine restarted in place)
     mark = uuid.uuid4().hex
     os.environ[MARK], os.environ[f"{MARK}_PID"] = mark, str(os.getpid())
-    subprocess.Popen([sys.executable, "-m", "pipelines.stages.watchdog", str(os.getpid()), mark],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, env={**os.environ, **(env or {})})
+    dog = subprocess.Popen([sys.executable, "-m", "pipelines.stages.watchdog", str(os.getpid()), mark],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True, env={**os.environ, **(env or {})})
+    os.environ[f"{MARK}_WATCHDOG"] = str(dog.pid)
     return mark
+
+
+def watchdog_pid() -> int | None:
+    """This replica's watchdog, which is no part of its engine (its memory is not the engine's)."""
+    pid = os.environ.get(f"{MARK}_WATCHDOG")
+    return int(pid) if pid and os.environ.get(f"{MARK}_PID") == str(os.getpid()) else None
 
 
 if __name__ == "__main__":
