@@ -50,7 +50,8 @@ def marked(mark: str, *, skip: Collection[int] = ()) -> list:
 
 
 def watch(replica_pid: int, mark: str, *, poll_s: float = POLL_S) -> int:
-    """Wait until the replica's process is gone, then kill what it left; the number of processes killed.
+    """Wait until the replica's process or its parent (the node's raylet) is gone, then kill what is left of
+    the replica; the number of processes killed.
 
     What it left is found two ways: the replica's descendants as last seen (taken
     every poll, since once it is gone they are re-parented and no longer its), and
@@ -64,12 +65,18 @@ def watch(replica_pid: int, mark: str, *, poll_s: float = POLL_S) -> int:
     seen: dict[int, psutil.Process] = {}
     try:
         replica = psutil.Process(replica_pid)
+        keeper = replica.ppid()  # a Ray worker's parent is its node's raylet
     except psutil.NoSuchProcess:
-        replica = None
+        replica, keeper = None, 0
     while replica is not None:
         try:
             # `is_running` also checks the start time, so a recycled pid is not mistaken for the replica.
             if not replica.is_running() or replica.status() == psutil.STATUS_ZOMBIE or os.getppid() != replica_pid:
+                break
+            if replica.ppid() != keeper:
+                # Its raylet is gone (the node is being lost): the replica would notice only after Ray's
+                # timeouts, seconds during which its engine holds the accelerator. It goes now, with the rest.
+                seen.setdefault(replica.pid, replica)
                 break
             for p in replica.children(recursive=True):
                 if p.pid != me:

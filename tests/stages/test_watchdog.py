@@ -67,3 +67,23 @@ def test_a_replica_killed_with_sigkill_takes_its_processes_with_it():
     while any(map(alive, other_pids)):
         assert time.monotonic() - t0 < 10
         time.sleep(0.1)
+
+
+def test_a_replica_whose_raylet_is_killed_goes_at_once_with_its_processes():
+    """The replica's parent (a Ray worker's is its node's raylet) killed with SIGKILL: the watchdog does not
+    wait for the replica to notice, it kills the replica and what it spawned."""
+    keeper = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        replica = subprocess.Popen([sys.executable, "-c", {REPLICA!r}], stdout=subprocess.PIPE, text=True)
+        print(replica.pid, replica.stdout.readline().strip(), flush=True)
+        time.sleep(600)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    pids = [int(p) for p in keeper.stdout.readline().split()]
+    assert len(pids) == 4  # the replica and its three
+    time.sleep(1)
+    t0 = time.monotonic()
+    keeper.send_signal(signal.SIGKILL)
+    keeper.wait()
+    while any(map(alive, pids)):
+        assert time.monotonic() - t0 < 5, "the replica outlived its raylet"
+        time.sleep(0.05)
