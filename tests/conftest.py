@@ -391,6 +391,26 @@ def ray_nodes(s3_server):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def cmdline(p) -> str:
+    """A process's name and command line (an engine's is its title, `VLLM::EngineCore`); empty once it is gone."""
+    import psutil
+
+    try:
+        return f"{p.name()} {' '.join(p.cmdline())}"
+    except psutil.Error:
+        return ""
+
+
+def alive(p) -> bool:
+    """Whether a process (psutil) still runs: a zombie waiting to be reaped is gone."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def jobs_api(address: str):
     """The Jobs API client, with the cluster's token (Ray clusters require one by default)."""
     from ray.job_submission import JobSubmissionClient

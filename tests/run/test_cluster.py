@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_KEY, S3_SECRET, jobs_api
+from conftest import S3_KEY, S3_SECRET, alive, cmdline, jobs_api
 
 from pipelines.cli import main
 
@@ -58,20 +57,6 @@ def _keys(client, prefix: str) -> list[str]:
 
 def _objects(client, prefix: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in _keys(client, prefix)}
-
-
-def _cmdline(p: psutil.Process) -> str:
-    try:
-        return f"{p.name()} {' '.join(p.cmdline())}"
-    except psutil.Error:
-        return ""
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 @pytest.mark.cluster
@@ -126,21 +111,21 @@ def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_en
 
     # Lose it: its raylet and the rest of its Ray daemons first, so that the replica must notice alone...
     procs = ray_nodes.processes(lost)
-    engines = [p for p in procs if "VLLM" in _cmdline(p)]
-    assert engines, [_cmdline(p) for p in procs]
-    workers = [p for p in procs if _cmdline(p).startswith("ray::")]
+    engines = [p for p in procs if "VLLM" in cmdline(p)]
+    assert engines, [cmdline(p) for p in procs]
+    workers = [p for p in procs if cmdline(p).startswith("ray::")]
     daemons = [p for p in procs if p not in engines and p not in workers and "pipelines.stages.watchdog" not in
-               _cmdline(p)]
+               cmdline(p)]
     t0 = time.monotonic()
     for p in daemons:
         p.kill()
-    while alive := [p for p in engines if _alive(p)]:
-        assert time.monotonic() - t0 < 30, f"the lost node's engine lives on: {[_cmdline(p) for p in alive]}"
+    while left := [p for p in engines if alive(p)]:
+        assert time.monotonic() - t0 < 30, f"the lost node's engine lives on: {[cmdline(p) for p in left]}"
         time.sleep(0.05)
     with capsys.disabled():
         print(f"\n{lost}'s engine processes were gone {time.monotonic() - t0:.2f} s after kill -9 of its raylet")
     for p in workers:  # ...then whatever of its Ray workers is left: the node is gone whole
-        if _alive(p):
+        if alive(p):
             p.kill()
 
     # The run finishes by itself: no operator, no second submission.

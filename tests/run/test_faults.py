@@ -21,7 +21,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import QUICK_START_ARGS, tokenmill_driver
+from conftest import QUICK_START_ARGS, alive, cmdline, tokenmill_driver
 
 from pipelines.cli import main
 
@@ -127,21 +127,6 @@ def driver(args: list[str], log: Path) -> subprocess.Popen:
     return tokenmill_driver(["run", str(JOB), *args], log)
 
 
-def _cmdline(p: psutil.Process) -> str:
-    """A process's name and command line (an engine's is its title, `VLLM::EngineCore`); empty once it is gone."""
-    try:
-        return f"{p.name()} {' '.join(p.cmdline())}"
-    except psutil.Error:
-        return ""
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -215,7 +200,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
 
     def named(name: str) -> list[psutil.Process]:
         # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
-        return [p for p in psutil.Process().children(recursive=True) if name in _cmdline(p)]
+        return [p for p in psutil.Process().children(recursive=True) if name in cmdline(p)]
 
     def engines() -> set[int]:
         return {p.pid for p in named("VLLM::EngineCore")}
@@ -233,8 +218,8 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     def gone_after(spawned: list[psutil.Process], what: str, limit: float = 15) -> float:
         """Seconds from now until none of `spawned` runs (a zombie waiting to be reaped is gone)."""
         t0 = time.monotonic()
-        while alive := [p for p in spawned if _alive(p)]:
-            assert time.monotonic() - t0 < limit, f"after {what}, {[_cmdline(p) for p in alive]} live on"
+        while left := [p for p in spawned if alive(p)]:
+            assert time.monotonic() - t0 < limit, f"after {what}, {[cmdline(p) for p in left]} live on"
             time.sleep(0.05)
         took = time.monotonic() - t0
         with capsys.disabled():
@@ -250,7 +235,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     # Now the whole replica: Ray restarts it, and the engine it had started dies with it (its watchdog).
     [replica] = named("MapWorker(MapBatches(GenerateStage))")
     spawned = replica.children(recursive=True)
-    assert any("VLLM::EngineCore" in _cmdline(p) for p in spawned), [_cmdline(p) for p in spawned]
+    assert any("VLLM::EngineCore" in cmdline(p) for p in spawned), [cmdline(p) for p in spawned]
     before = engines()
     replica.kill()
     gone_after(spawned, "kill -9 of the replica's actor")
