@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -26,6 +28,12 @@ RAY_DATA_TIMED_CACHE = ("ray.data._internal.utils.cache", "timed_cache")
 VLLM_ENGINE_DEAD = ("vllm.v1.engine.exceptions", "EngineDeadError")
 VLLM_SYNC_CLIENT = ("vllm.v1.engine.core_client", "SyncMPClient")
 VLLM_CLIENT_RESOURCES = ("vllm.v1.engine.core_client", "BackgroundResources")
+# How the Jobs API tells an entrypoint its submission id: the job supervisor puts the job's config, metadata
+# included, in one environment variable. Only the names are used, so nothing of the dashboard is imported at run
+# time; tests/test_compat.py checks them against Ray's own constants.
+RAY_JOB_CONFIG_ENV = ("ray._private.runtime_env.constants", "RAY_JOB_CONFIG_JSON_ENV_VAR")
+RAY_JOB_ID_METADATA = ("ray.dashboard.modules.job.common", "JOB_ID_METADATA_KEY")
+JOB_CONFIG_ENV_VAR, JOB_ID_METADATA_KEY = "RAY_JOB_CONFIG_JSON_ENV_VAR", "job_submission_id"
 
 PRIVATE_NAMES: dict[str, tuple[str, str]] = {
     "ray_data_scheduler_wait": RAY_DATA_SCHEDULER_WAIT,
@@ -35,6 +43,8 @@ PRIVATE_NAMES: dict[str, tuple[str, str]] = {
     "vllm_engine_dead_error": VLLM_ENGINE_DEAD,
     "vllm_sync_client": VLLM_SYNC_CLIENT,
     "vllm_client_resources": VLLM_CLIENT_RESOURCES,
+    "ray_job_config_env": RAY_JOB_CONFIG_ENV,
+    "ray_job_id_metadata": RAY_JOB_ID_METADATA,
 }
 
 
@@ -60,6 +70,20 @@ def output_request_id(enqueued_id: str) -> str:
     external `<id>` on outputs. Only this function knows that format.
     """
     return enqueued_id.rsplit("-", 1)[0]
+
+
+def job_submission_id() -> str | None:
+    """This driver's submission id where it runs as a Jobs API entrypoint (`ray job submit`), else None (checked
+    on Ray 2.60.0, whose supervisor sets no variable of its own for it)."""
+    raw = os.environ.get(JOB_CONFIG_ENV_VAR)
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    found = metadata.get(JOB_ID_METADATA_KEY) if isinstance(metadata, dict) else None
+    return str(found) if found else None
 
 
 def parser_flags(parser: argparse.ArgumentParser) -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
 from importlib.metadata import version
 from pathlib import Path
 
@@ -104,3 +105,21 @@ def test_the_dead_engine_watch_raises_in_the_waiting_caller(monkeypatch):
     resources.engine_dead = True
     assert isinstance(core.outputs_queue.get(timeout=5), compat.engine_dead_error())
     assert not compat.wake_on_engine_death(SimpleNamespace(llm_engine=None))  # not vLLM's shape: nothing to watch
+
+
+def test_the_jobs_api_submission_id_is_read_from_the_job_config_ray_gives_an_entrypoint(monkeypatch):
+    from ray._private.runtime_env import constants as ray_constants
+    from ray.dashboard.modules.job import common
+
+    from pipelines.run.lease import holder_name
+
+    assert ray_constants.RAY_JOB_CONFIG_JSON_ENV_VAR == compat.JOB_CONFIG_ENV_VAR
+    assert common.JOB_ID_METADATA_KEY == compat.JOB_ID_METADATA_KEY
+    monkeypatch.delenv(compat.JOB_CONFIG_ENV_VAR, raising=False)
+    assert compat.job_submission_id() is None and "Ray job" not in holder_name()
+    config = {"runtime_env": {}, "metadata": {"job_submission_id": "tokenmill-ticket_triage-2026-11-27"}}
+    monkeypatch.setenv(compat.JOB_CONFIG_ENV_VAR, json.dumps(config))
+    assert compat.job_submission_id() == "tokenmill-ticket_triage-2026-11-27"
+    assert holder_name().endswith("(Ray job tokenmill-ticket_triage-2026-11-27)")
+    monkeypatch.setenv(compat.JOB_CONFIG_ENV_VAR, "not json")
+    assert compat.job_submission_id() is None

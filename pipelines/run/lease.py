@@ -27,6 +27,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipelines import compat
 from pipelines.errors import ConfigError, RunBusy
 from pipelines.io.storage import join, read_versioned, write_if_version
 
@@ -61,7 +62,7 @@ def holder_name() -> str:
     except (KeyError, OSError):
         user = "?"
     name = f"{user}@{socket.gethostname()} pid {os.getpid()}"
-    submission = os.environ.get("RAY_JOB_SUBMISSION_ID")  # set by the Jobs API in the entrypoint's environment
+    submission = compat.job_submission_id()
     return f"{name} (Ray job {submission})" if submission else name
 
 
