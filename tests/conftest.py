@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The engine core inside the actor (`engine_process: actor`) for runs of a few dozen records: it starts in about
 # 12 s instead of about 27 s and generates slower, which such a run never notices. The default topology (the engine
-# core in its own process) runs in the shared review run, `tokenmill submit`'s test and the engine-kill fault test.
+# core in its own process) runs in the shared review run and the multi-node cluster's tests.
 QUICK_START = ["engine_process=actor"]
 QUICK_START_ARGS = ["--engine-set", "engine_process=actor"]
 S3_KEY, S3_SECRET = "tokenmill-test-key", "tokenmill-test-secret-do-not-print"
@@ -177,12 +177,15 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tokenmill_driver(args: list[str], log: Path) -> subprocess.Popen:
-    """`tokenmill <args>` as its own process, joined to the session's Ray cluster as under `ray job submit`;
-    its stderr goes to `log` (also `proc.log`)."""
+def tokenmill_driver(args: list[str], log: Path, *, nodes: RayNodes | None = None) -> subprocess.Popen:
+    """`tokenmill <args>` as its own process, joined to the session's Ray cluster (or to `nodes`, the
+    multi-node one) as under `ray job submit`; its stderr goes to `log` (also `proc.log`)."""
     import ray
 
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    if nodes is None:
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    else:
+        env = {**os.environ, **nodes.env, "RAY_ADDRESS": nodes.gcs}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=log.open("w"))
     proc.log = log  # type: ignore[attr-defined]
@@ -244,39 +247,6 @@ def review_run(ray_cluster, model_path, tmp_path_factory):
     summary = json.loads((run_dir / "summary.json").read_text())
     return SimpleNamespace(root=root, sets=sets, input=table, run_dir=run_dir, summary=summary,
                            progress=lines.lines)
-
-
-@pytest.fixture(scope="module")
-def ray_head(s3_server, tmp_path_factory):
-    """A Ray head of its own (GCS, raylet, dashboard with the Jobs API) on 127.0.0.1; stopped after the module
-    that asked for it, so that its processes do not share the machine with the other tests.
-
-    Its environment carries the object-store credentials, as a Kubernetes secret
-    or an instance role would on a real cluster.
-    """
-    temp = tmp_path_factory.mktemp("rayhead")
-    dashboard = _free_port()
-    env = {**os.environ,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-           "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_REGION": "us-east-1", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    # Every port its own: the test session's Ray cluster runs beside this one.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "port", "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")]
-    address = f"http://127.0.0.1:{dashboard}"
-
-    def ready() -> bool:
-        try:
-            jobs_api(address).list_jobs()
-            return True
-        except Exception:  # noqa: BLE001 - not up yet
-            return False
-
-    with cluster.ray_head(temp, ["--node-ip-address=127.0.0.1", *ports, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                         "--include-dashboard=true", "--num-cpus=4"], env=env, ready=ready):
-        yield {"address": address, "temp": temp}
 
 
 class RayNodes:
@@ -366,15 +336,28 @@ class RayNodes:
             proc.wait()
         subprocess.run(["pkill", "-9", "-f", f"address={self.gcs}"], check=False)
 
+    def restore(self) -> None:
+        """Restart the worker nodes a test killed, so that the next test finds the whole cluster."""
+        # A node is killed whole, its `ray start --block` included (`processes`).
+        dead = [name for name, proc in self.workers.items() if proc.poll() is not None]
+        for name in dead:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.workers[name].pid, signal.SIGKILL)
+            self.workers[name].wait()
+            self.start_worker(name)
+        if dead:
+            self.wait_nodes(len(self.names) + 1)
+
     def stop(self) -> None:
         self._stack.close()
 
 
-@pytest.fixture(scope="module")
-def ray_nodes(s3_server):
-    """A head and two worker nodes (`RayNodes`), for the module that asks; their environment carries the
-    object-store credentials, as a Kubernetes secret or an instance role would on a real cluster. Three
-    logical CPUs a worker: a node that outlives the other has room for both replicas and their tasks."""
+@pytest.fixture(scope="session")
+def _ray_nodes(s3_server):
+    """A head and two worker nodes (`RayNodes`), shared by every test that asks for `ray_nodes`; their
+    environment carries the object-store credentials, as a Kubernetes secret or an instance role would on a
+    real cluster. Three logical CPUs a worker: a node that outlives the other has room for both replicas and
+    their tasks."""
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
@@ -389,6 +372,22 @@ def ray_nodes(s3_server):
     finally:
         nodes.stop()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_nodes(_ray_nodes):
+    """The multi-node cluster, whole: a node an earlier test killed is started again."""
+    _ray_nodes.restore()
+    return _ray_nodes
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests on the multi-node cluster run last, one after the other, so that its processes share the
+    machine with no other test's, and it is started once for all of them."""
+    on_nodes = [item for item in items if "ray_nodes" in getattr(item, "fixturenames", ())]
+    # The one that loses a node goes last: no test after it waits for the node to be started again.
+    on_nodes.sort(key=lambda item: item.get_closest_marker("loses_a_node") is not None)
+    items[:] = [item for item in items if item not in on_nodes] + on_nodes
 
 
 def cmdline(p) -> str:

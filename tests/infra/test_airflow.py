@@ -1,7 +1,7 @@
 """The nightly DAG in a real Airflow installation (its own virtual environment, `.venv-airflow`, built by
 `make airflow`): it loads without import errors, has the schedule and the templated partition, and its submit
-task runs a night against a real local Ray head, and on a second try finds that night instead of running it
-again."""
+task runs a night on the multi-node test cluster (`ray_nodes`) through its Jobs API, and on a second try finds
+that night instead of running it again."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def airflow_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def airflow_home(tmp_path_factory) -> Path:
     if not (AIRFLOW_VENV / "bin/airflow").is_file():
         if os.environ.get("CI"):
@@ -107,7 +107,7 @@ def test_the_poll_interval_variable_is_seconds_above_zero_or_refused_by_name(air
 
 
 @pytest.mark.cluster
-def test_submit_task_runs_a_night_on_the_ray_head_and_a_retry_finds_it(airflow_home, ray_head, s3_env, model_path):
+def test_submit_task_runs_a_night_on_the_cluster_and_a_retry_finds_it(airflow_home, ray_nodes, s3_env, model_path):
     client = s3_env.client()
     client.create_bucket(Bucket=BUCKET)
     table = pq.read_table(REPO / "data/samples/tickets").slice(40, 16)
@@ -115,10 +115,10 @@ def test_submit_task_runs_a_night_on_the_ray_head_and_a_retry_finds_it(airflow_h
     pq.write_table(table, buf)
     client.put_object(Bucket=BUCKET, Key=f"tickets/{NIGHT}/part-0.parquet", Body=buf.getvalue())
     # The stand-in engine: what this tests is Airflow's task and the Ray head; `tokenmill submit` on vLLM is
-    # tests/run/test_submit.py.
+    # tests/run/test_cluster.py.
     overrides = {"ticket_triage": [f"input.path=s3://{BUCKET}/tickets/{{date}}/", f"output.path=s3://{BUCKET}/out/",
                                   "sampling.max_tokens=8", "engine=stand-in"]}
-    env = airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_RAY_ADDRESS=ray_head["address"],
+    env = airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_RAY_ADDRESS=ray_nodes.address,
                       AIRFLOW_VAR_TOKENMILL_OVERRIDES=json.dumps(overrides), AIRFLOW_VAR_TOKENMILL_POLL_S="1")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the cluster holds them; Airflow needs none
         env.pop(key, None)
@@ -144,6 +144,6 @@ def test_submit_task_runs_a_night_on_the_ray_head_and_a_retry_finds_it(airflow_h
     log = again.stdout + again.stderr
     assert again.returncode == 0 and "new_state=success" in log, log[-5000:]
     assert "already ran; nothing submitted" in log
-    ours = [j.submission_id for j in jobs_api(ray_head["address"]).list_jobs()
+    ours = [j.submission_id for j in jobs_api(ray_nodes.address).list_jobs()
             if j.submission_id and j.submission_id.startswith(f"tokenmill-ticket_triage-{NIGHT}")]
     assert ours == [f"tokenmill-ticket_triage-{NIGHT}"]

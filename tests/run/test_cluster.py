@@ -7,8 +7,12 @@ with SIGKILL mid-run (its raylet first, then its Ray workers). Ray Data retries
 the lost batches and restarts the lost replica on the node that is left, and the
 run finishes without an operator: every id once, the rework within the lost
 replica's batches, the loss in the summary. The killed node's engine processes
-die within seconds (their watchdog). The night again is found and not rerun,
-and no credential is in any log or output.
+die within seconds (their watchdog). A second attempt at the night, started
+while the first has results it has not committed, is refused and names it. The
+night again is found and not rerun, and no credential is in any log or output.
+
+The other tests on this cluster: the engine, actor and driver kills and the lease
+race (tests/run/test_faults.py) and Airflow's nightly task (tests/infra/test_airflow.py).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def test_a_local_output_path_is_refused_on_a_multi_node_cluster(ray_nodes, tmp_p
 
 @pytest.mark.engine
 @pytest.mark.cluster
+@pytest.mark.loses_a_node
 def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_env, model_path, capsys):
     client = s3_env.client()
     ids = _upload(client, f"tickets/{NIGHT}")
@@ -127,6 +132,22 @@ def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_en
     for p in workers:  # ...then whatever of its Ray workers is left: the node is gone whole
         if alive(p):
             p.kill()
+
+    # A second attempt at the same night while this one runs (a scheduler's retry, or a hand): once the run has
+    # results it has not committed, it is started beside it, and refused, naming the holder.
+    def uncommitted_results() -> bool:
+        found = _keys(client, f"{run_dir}/")
+        committed = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in found if "/_manifests/" in k}
+        return any(k.split("/")[-2] not in committed for k in found if "/results/" in k)
+
+    while not uncommitted_results():
+        assert "RUNNING" in str(api.get_job_status(sid)), api.get_job_logs(sid)[-3000:]
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-m", "jobs.ticket_triage", "--date", NIGHT, *submit[submit.index("--set"):],
+                             "--no-progress"], env={**ray_nodes.env, "RAY_ADDRESS": ray_nodes.gcs}, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 7, second.stderr[-3000:]
+    assert "being run by " in second.stderr and f"(Ray job {sid})" in second.stderr, second.stderr[-3000:]
 
     # The run finishes by itself: no operator, no second submission.
     assert main([*submit, "--timeout", "600"]) == 0, capsys.readouterr().out[-4000:]

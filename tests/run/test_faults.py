@@ -1,6 +1,7 @@
-"""Faults on the real stack (SeaweedFS S3, Ray, real processes killed): killed drivers and engines, and every kind
-of bad input. The engine's own faults are on vLLM; the driver's, and the circuit breaker, on the stand-in engine,
-since what they test (commit, resume, the breaker) lives in the driver.
+"""Faults on the real stack (SeaweedFS S3, Ray, real processes killed): killed drivers and engines, two attempts on
+one run, and every kind of bad input. The engine's own faults are on vLLM, on the multi-node cluster (`ray_nodes`);
+the driver's, the lease's and the circuit breaker's on the stand-in engine, since what they test (commit, resume,
+fencing, the breaker) lives in the driver.
 
 However a run is interrupted, resuming it ends with every input id exactly once
 in the committed results and rejects, bad shards quarantined with their reason,
@@ -122,9 +123,10 @@ def check_run(client, run: str, expected: dict) -> dict:
     return summary
 
 
-def driver(args: list[str], log: Path) -> subprocess.Popen:
-    """`tokenmill run JOB` as its own process, joined to the session's Ray cluster as under `ray job submit`."""
-    return tokenmill_driver(["run", str(JOB), *args], log)
+def driver(args: list[str], log: Path, nodes=None) -> subprocess.Popen:
+    """`tokenmill run JOB` as its own process, joined to the session's Ray cluster (or to `nodes`, the multi-node
+    one) as under `ray job submit`."""
+    return tokenmill_driver(["run", str(JOB), *args], log, nodes=nodes)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -140,10 +142,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("moments", [("reading",), ("generating", "committing")], ids="-then-".join)
-def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, moments, tmp_path, capsys):
-    """Each moment kills a driver; the next moment's driver resumes the run the last one left, and so does the
-    final run in this process (a run killed twice, the second time while resuming, keeps every id once)."""
+def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, tmp_path, capsys):
+    """Each moment kills a driver: while reading, while generating, while committing. The next moment's driver
+    resumes the run the last one left, and so does the final run in this process: a run killed three times, twice
+    while resuming, keeps every id once and does not redo what was committed."""
+    moments = ("reading", "generating", "committing")
     client = s3_env.client()
     try:
         client.create_bucket(Bucket=BUCKET)
@@ -172,12 +175,14 @@ def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, moments, tm
 
     assert main(["run", str(JOB), *overrides(prefix, run, stand_in=True)]) == 0, capsys.readouterr().err[-3000:]
     summary = check_run(client, run, expected)
-    if "committing" in moments:
-        assert summary["resumed"] and summary["shards_redone"] < 7, "committed shards were redone"
+    assert summary["resumed"] and summary["shards_redone"] < 7, "committed shards were redone"
 
 
 @pytest.mark.engine
-def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_path, capsys):
+@pytest.mark.cluster
+def test_engine_and_actor_killed_mid_run(ray_cluster, ray_nodes, s3_env, model_path, tmp_path, capsys):
+    """On the multi-node cluster: its engine process, then its actor, then the driver, each with kill -9; each
+    time the killed replica's engine processes are gone within seconds, and resuming ends with every id once."""
     client = s3_env.client()
     try:
         client.create_bucket(Bucket=BUCKET)
@@ -189,7 +194,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
     # Every record generates its 16 tokens, so each killed engine leaves work to redo. The engine core in a
     # process of its own (every profile's default), which is what this test kills.
     proc = driver([*overrides(prefix, run), "--set", "sampling.max_tokens=16", "--set", "sampling.ignore_eos=true",
-                   "--engine-set", "engine_process=own"], tmp_path / "driver.log")
+                   "--engine-set", "engine_process=own"], tmp_path / "driver.log", nodes=ray_nodes)
 
     def engine_ready() -> bool:  # a replica's engine is up, with the run's batches waiting for it
         for key in keys(client, f"{root}_engines/"):
@@ -199,7 +204,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, s3_env, model_path, tmp_pa
         return False
 
     def named(name: str) -> list[psutil.Process]:
-        # Only this session's processes: the Ray cluster it started is its child, and the engines the cluster's.
+        # Only this session's processes: the Ray clusters it started are its children, and the engines theirs.
         return [p for p in psutil.Process().children(recursive=True) if name in cmdline(p)]
 
     def engines() -> set[int]:
@@ -278,11 +283,14 @@ def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_en
     assert summary["records_in"] == 40 and summary["records_rejected"] == 20 and summary["records_ok"] == 20
 
 
-@pytest.mark.engine
-def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_cluster, s3_env, model_path, tmp_path):
+@pytest.mark.cluster
+def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_nodes, s3_env, model_path, tmp_path):
     """Attempt A has written results it has not committed. A second attempt is refused, naming A. A then
     stalls (SIGSTOP) past its lease; a third attempt takes the lease over, cleans A's debris and finishes; A, woken,
-    finds its lease gone and commits nothing. Every listed file exists and every id is there exactly once."""
+    finds its lease gone and commits nothing. Every listed file exists and every id is there exactly once.
+
+    On the multi-node cluster and the stand-in engine (what races is the drivers' lease and commits); the same
+    refusal on vLLM is part of the node-loss night (tests/run/test_cluster.py)."""
     client = s3_env.client()
     try:
         client.create_bucket(Bucket=BUCKET)
@@ -291,11 +299,10 @@ def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_cluster, s3_env,
     prefix, run = "in-lease", "lease-race"
     expected = make_input(client, prefix, good_shards=4)
     root = f"out/{run}/"
-    ttl = 30
-    # Half a CPU per replica: the stalled attempt's replica keeps its share, and the cluster has two.
-    args = [*overrides(prefix, run), "--set", f"lease.ttl_s={ttl}", "--set", "lease.wait_s=0", *QUICK_START_ARGS,
-            "--engine-set", "resources.num_cpus=0.5", "--set", "sampling.max_tokens=16",
-            "--set", "sampling.ignore_eos=true"]
+    ttl = 20
+    # A slow stand-in (0.2 s a record): A is still at work when it is stalled.
+    args = [*overrides(prefix, run, stand_in=True), "--engine-set", "stand_in_s_per_request=0.2",
+            "--set", f"lease.ttl_s={ttl}", "--set", "lease.wait_s=0"]
 
     def lease() -> dict:
         return json.loads(client.get_object(Bucket=BUCKET, Key=f"{root}_lease.json")["Body"].read())
@@ -305,19 +312,19 @@ def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_cluster, s3_env,
         committed = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in found if "/_manifests/" in k}
         return any(k.split("/")[3] not in committed for k in found if "/results/" in k)
 
-    a = driver(args, tmp_path / "a.log")
+    a = driver(args, tmp_path / "a.log", nodes=ray_nodes)
     wait_for(uncommitted_results, a)
     # Stalled, not dead: its replica lives on, and its lease, renewed every ttl/3, still has two thirds of the
     # ttl or more to run, long enough for a second attempt to start and be refused.
     a.send_signal(signal.SIGSTOP)
     try:
-        refused = driver(args, tmp_path / "b.log")
+        refused = driver(args, tmp_path / "b.log", nodes=ray_nodes)
         assert refused.wait(timeout=120) == 7, refused.log.read_text()[-2000:]
         said = refused.log.read_text()
         assert "being run by " in said and f"pid {a.pid}" in said and "lease token 1" in said, said[-2000:]
         while lease()["expires_at"] > time.time():
             time.sleep(0.5)
-        taker = driver(args, tmp_path / "c.log")
+        taker = driver(args, tmp_path / "c.log", nodes=ray_nodes)
         wait_for(lambda: lease()["token"] == 2, taker)
     finally:
         a.send_signal(signal.SIGCONT)
