@@ -31,6 +31,16 @@ JOB = REPO / "conf/jobs/ticket_triage.yaml"
 BUCKET = "tokenmill-faults"
 
 
+def bucket(s3_env):
+    """A client of the session's S3 server, with this module's bucket made (by the first test that asks)."""
+    client = s3_env.client()
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    return client
+
+
 def put_table(client, key: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -147,11 +157,7 @@ def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, tmp_path, c
     resumes the run the last one left, and so does the final run in this process: a run killed three times, twice
     while resuming, keeps every id once and does not redo what was committed."""
     moments = ("reading", "generating", "committing")
-    client = s3_env.client()
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    client = bucket(s3_env)
     prefix, run = f"in-{moments[0]}", f"kill-{moments[0]}"
     expected = make_input(client, prefix)
     root = f"out/{run}/"
@@ -183,11 +189,7 @@ def test_driver_killed_then_resumed(ray_cluster, s3_env, model_path, tmp_path, c
 def test_engine_and_actor_killed_mid_run(ray_cluster, ray_nodes, s3_env, model_path, tmp_path, capsys):
     """On the multi-node cluster: its engine process, then its actor, then the driver, each with kill -9; each
     time the killed replica's engine processes are gone within seconds, and resuming ends with every id once."""
-    client = s3_env.client()
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    client = bucket(s3_env)
     prefix, run = "in-engine", "kill-engine"
     expected = make_input(client, prefix, good_shards=4)
     root = f"out/{run}/"
@@ -259,11 +261,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, ray_nodes, s3_env, model_p
 
 @pytest.mark.cluster
 def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_env, model_path, capsys):
-    client = s3_env.client()
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    client = bucket(s3_env)
     tickets = pq.read_table(sorted((REPO / "data/samples/tickets").glob("*.parquet")))
     put_table(client, "in-breaker/part-0.parquet", tickets.slice(0, 10))
     put_table(client, "in-breaker/part-1.parquet", tickets.slice(10, 10))
@@ -291,11 +289,7 @@ def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_nodes, s3_env, m
 
     On the multi-node cluster and the stand-in engine (what races is the drivers' lease and commits); the same
     refusal on vLLM is part of the node-loss night (tests/run/test_cluster.py)."""
-    client = s3_env.client()
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    client = bucket(s3_env)
     prefix, run = "in-lease", "lease-race"
     expected = make_input(client, prefix, good_shards=4)
     root = f"out/{run}/"
