@@ -185,7 +185,7 @@ def tokenmill_driver(args: list[str], log: Path, *, nodes: RayNodes | None = Non
     if nodes is None:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     else:
-        env = {**os.environ, **nodes.env, "RAY_ADDRESS": nodes.gcs}
+        env = {**os.environ, **nodes.driver_env}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=log.open("w"))
     proc.log = log  # type: ignore[attr-defined]
@@ -263,6 +263,11 @@ class RayNodes:
         self.names = [f"node_{chr(ord('a') + i)}" for i in range(workers)]
         self.workers: dict[str, subprocess.Popen] = {}
         self._stack = contextlib.ExitStack()
+
+    @property
+    def driver_env(self) -> dict[str, str]:
+        """The environment of a driver that joins this cluster directly (its GCS), credentials included."""
+        return {**self.env, "RAY_ADDRESS": self.gcs}
 
     @staticmethod
     def _ports() -> list[str]:
@@ -408,6 +413,23 @@ def alive(p) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def wait_gone(procs: list, *, limit: float, what: str) -> float:
+    """Seconds until none of `procs` (psutil) runs, a zombie waiting to be reaped counting as gone; fails once
+    `limit` seconds have passed with one still running."""
+    t0 = time.monotonic()
+    while left := [p for p in procs if alive(p)]:
+        assert time.monotonic() - t0 < limit, f"{what}: {[cmdline(p) for p in left]} live on"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def uncommitted_results(found: list[str]) -> bool:
+    """Whether a run folder's keys or paths include results of a shard that has no manifest yet
+    (`<run>/results/<shard>/<file>`, `<run>/_manifests/<shard>.json`)."""
+    committed = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in found if "/_manifests/" in k}
+    return any(k.split("/")[-2] not in committed for k in found if "/results/" in k)
 
 
 def jobs_api(address: str):

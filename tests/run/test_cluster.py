@@ -27,7 +27,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_KEY, S3_SECRET, alive, cmdline, jobs_api
+from conftest import S3_KEY, S3_SECRET, alive, cmdline, jobs_api, uncommitted_results, wait_gone
 
 from pipelines.cli import main
 
@@ -66,10 +66,9 @@ def _objects(client, prefix: str) -> dict[str, bytes]:
 @pytest.mark.cluster
 def test_a_local_output_path_is_refused_on_a_multi_node_cluster(ray_nodes, tmp_path):
     out = tmp_path / "out"
-    env = {**ray_nodes.env, "RAY_ADDRESS": ray_nodes.gcs}
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(REPO / "conf/jobs/ticket_triage.yaml"),
-                           "--set", f"output.path={out}", "--no-progress"], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+                           "--set", f"output.path={out}", "--no-progress"], env=ray_nodes.driver_env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"output.path: {out} is a local path, but the Ray cluster" in done.stderr
     assert "has 3 nodes" in done.stderr and "s3://" in done.stderr
@@ -121,30 +120,22 @@ def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_en
     workers = [p for p in procs if cmdline(p).startswith("ray::")]
     daemons = [p for p in procs if p not in engines and p not in workers and "pipelines.stages.watchdog" not in
                cmdline(p)]
-    t0 = time.monotonic()
     for p in daemons:
         p.kill()
-    while left := [p for p in engines if alive(p)]:
-        assert time.monotonic() - t0 < 30, f"the lost node's engine lives on: {[cmdline(p) for p in left]}"
-        time.sleep(0.05)
+    took = wait_gone(engines, limit=30, what="the lost node's engine lives on")
     with capsys.disabled():
-        print(f"\n{lost}'s engine processes were gone {time.monotonic() - t0:.2f} s after kill -9 of its raylet")
+        print(f"\n{lost}'s engine processes were gone {took:.2f} s after kill -9 of its raylet")
     for p in workers:  # ...then whatever of its Ray workers is left: the node is gone whole
         if alive(p):
             p.kill()
 
     # A second attempt at the same night while this one runs (a scheduler's retry, or a hand): once the run has
     # results it has not committed, it is started beside it, and refused, naming the holder.
-    def uncommitted_results() -> bool:
-        found = _keys(client, f"{run_dir}/")
-        committed = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in found if "/_manifests/" in k}
-        return any(k.split("/")[-2] not in committed for k in found if "/results/" in k)
-
-    while not uncommitted_results():
+    while not uncommitted_results(_keys(client, f"{run_dir}/")):
         assert "RUNNING" in str(api.get_job_status(sid)), api.get_job_logs(sid)[-3000:]
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "jobs.ticket_triage", "--date", NIGHT, *submit[submit.index("--set"):],
-                             "--no-progress"], env={**ray_nodes.env, "RAY_ADDRESS": ray_nodes.gcs}, cwd=REPO,
+    second = subprocess.run([sys.executable, "-m", "jobs.ticket_triage", "--date", NIGHT,
+                             *submit[submit.index("--set"):], "--no-progress"], env=ray_nodes.driver_env, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 7, second.stderr[-3000:]
     assert "being run by " in second.stderr and f"(Ray job {sid})" in second.stderr, second.stderr[-3000:]

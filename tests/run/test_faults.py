@@ -22,7 +22,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import QUICK_START_ARGS, alive, cmdline, tokenmill_driver
+from conftest import QUICK_START_ARGS, cmdline, tokenmill_driver, uncommitted_results, wait_gone
 
 from pipelines.cli import main
 
@@ -223,12 +223,7 @@ def test_engine_and_actor_killed_mid_run(ray_cluster, ray_nodes, s3_env, model_p
         return victims
 
     def gone_after(spawned: list[psutil.Process], what: str, limit: float = 15) -> float:
-        """Seconds from now until none of `spawned` runs (a zombie waiting to be reaped is gone)."""
-        t0 = time.monotonic()
-        while left := [p for p in spawned if alive(p)]:
-            assert time.monotonic() - t0 < limit, f"after {what}, {[cmdline(p) for p in left]} live on"
-            time.sleep(0.05)
-        took = time.monotonic() - t0
+        took = wait_gone(spawned, limit=limit, what=f"after {what}")
         with capsys.disabled():
             print(f"\nthe replica's engine processes were gone {took:.2f} s after {what}")
         return took
@@ -301,13 +296,8 @@ def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_nodes, s3_env, m
     def lease() -> dict:
         return json.loads(client.get_object(Bucket=BUCKET, Key=f"{root}_lease.json")["Body"].read())
 
-    def uncommitted_results() -> bool:
-        found = keys(client, root)
-        committed = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in found if "/_manifests/" in k}
-        return any(k.split("/")[3] not in committed for k in found if "/results/" in k)
-
     a = driver(args, tmp_path / "a.log", nodes=ray_nodes)
-    wait_for(uncommitted_results, a)
+    wait_for(lambda: uncommitted_results(keys(client, root)), a)
     # Stalled, not dead: its replica lives on, and its lease, renewed every ttl/3, still has two thirds of the
     # ttl or more to run, long enough for a second attempt to start and be refused.
     a.send_signal(signal.SIGSTOP)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+from conftest import alive, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,40 +34,27 @@ REPLICA = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _replica() -> tuple[subprocess.Popen, list[int]]:
+def _replica() -> tuple[subprocess.Popen, list[psutil.Process]]:
     proc = subprocess.Popen([sys.executable, "-c", REPLICA], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    pids = [int(p) for p in proc.stdout.readline().split()]
-    assert len(pids) == 3
-    return proc, pids
+    spawned = [psutil.Process(int(p)) for p in proc.stdout.readline().split()]
+    assert len(spawned) == 3
+    return proc, spawned
 
 
 def test_a_replica_killed_with_sigkill_takes_its_processes_with_it():
-    doomed, doomed_pids = _replica()
-    other, other_pids = _replica()  # another replica on the node: untouched
+    doomed, doomed_spawned = _replica()
+    other, other_spawned = _replica()  # another replica on the node: untouched
     try:
         time.sleep(1)  # the watchdog has seen the replica's processes (it looks four times a second)
-        t0 = time.monotonic()
         doomed.send_signal(signal.SIGKILL)
+        wait_gone(doomed_spawned, limit=10, what="the killed replica's processes outlived it")
         doomed.wait()
-        while any(map(alive, doomed_pids)):
-            assert time.monotonic() - t0 < 10, "the killed replica's processes outlived it"
-            time.sleep(0.1)
-        assert all(map(alive, [other.pid, *other_pids]))
+        assert all(map(alive, [psutil.Process(other.pid), *other_spawned]))
     finally:
         other.kill()
         other.wait()
-    t0 = time.monotonic()
-    while any(map(alive, other_pids)):
-        assert time.monotonic() - t0 < 10
-        time.sleep(0.1)
+    wait_gone(other_spawned, limit=10, what="the other replica's processes outlived it")
 
 
 def test_a_replica_whose_raylet_is_killed_goes_at_once_with_its_processes():
@@ -78,12 +66,9 @@ def test_a_replica_whose_raylet_is_killed_goes_at_once_with_its_processes():
         print(replica.pid, replica.stdout.readline().strip(), flush=True)
         time.sleep(600)
     """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    pids = [int(p) for p in keeper.stdout.readline().split()]
-    assert len(pids) == 4  # the replica and its three
+    spawned = [psutil.Process(int(p)) for p in keeper.stdout.readline().split()]
+    assert len(spawned) == 4  # the replica and its three
     time.sleep(1)
-    t0 = time.monotonic()
     keeper.send_signal(signal.SIGKILL)
+    wait_gone(spawned, limit=5, what="the replica outlived its raylet")
     keeper.wait()
-    while any(map(alive, pids)):
-        assert time.monotonic() - t0 < 5, "the replica outlived its raylet"
-        time.sleep(0.05)
