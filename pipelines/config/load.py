@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipelines.config.engine import CostProfile, EngineProfile
 from pipelines.config.job import JobSpec
+from pipelines.config.names import night_problem
 from pipelines.config.prices import AcceleratorPrice, HostedPrice, ModelPrice, PriceBook
 from pipelines.errors import ConfigError
 from pipelines.paths import conf_dir_for
@@ -159,13 +160,8 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
             in `input.path` and `output.path`, and names the run.
     """
     path = Path(path)
-    if partition is not None:
-        import datetime as dt
-
-        try:
-            dt.date.fromisoformat(partition)
-        except ValueError:
-            raise ConfigError(f"--date {partition!r}: expected a date as YYYY-MM-DD") from None
+    if partition is not None and (problem := night_problem(partition)):
+        raise ConfigError(problem)
     data = apply_partition(apply_overrides(read_yaml(path, "job spec"), overrides, path), partition, path)
     spec = validate(JobSpec, data, path)
     conf = conf_dir_for(path, Path(conf_dir) if conf_dir else None)

@@ -13,6 +13,7 @@ import time
 import uuid
 
 from pipelines.config.load import Job, job_snapshot
+from pipelines.config.names import run_id_problem
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError, EngineError, RunAborted
 from pipelines.io.openai_batch import request_files, stage_requests, write_batch_files
@@ -134,6 +135,8 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     """
     spec = job.spec
     fingerprint = spec_fingerprint(job)
+    if run_id is not None and (problem := run_id_problem(run_id)):
+        raise ConfigError(problem)
     run_id = run_id or default_run_id(job, fingerprint)
     storage, adapter, checked = preflight(job)
     out_fs, out_root = filesystem_for(spec.output.path, storage)

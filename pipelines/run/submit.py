@@ -13,7 +13,6 @@ rest of tokenmill.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import shlex
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.config.names import night_problem
 from pipelines.paths import REPO_DIR
 
 REPO = REPO_DIR
@@ -42,10 +42,9 @@ class Submission:
 
 
 def check_partition(partition: str) -> str:
-    try:
-        dt.date.fromisoformat(partition)
-    except ValueError:
-        raise SubmitError(f"--date {partition!r}: expected a date as YYYY-MM-DD") from None
+    problem = night_problem(partition)
+    if problem:
+        raise SubmitError(problem)
     return partition
 
 
