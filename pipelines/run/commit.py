@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
@@ -144,8 +145,20 @@ def read_manifests(fs, run_root: str) -> dict[str, Manifest]:
     for path in fs.ls(folder, detail=False):
         manifest = read_record(Manifest, fs, path) if path.endswith(".json") else None
         if manifest is not None:  # gone since the listing: another attempt's, removed
+            _check_own_files(run_root, path, manifest)
             out[manifest.shard] = manifest
     return out
+
+
+def _check_own_files(run_root: str, where: str, manifest: Manifest) -> None:
+    """Refuse a manifest that lists a file outside its run's results and rejects folders: tokenmill never writes
+    one, so it was edited by hand or by someone else, and trusting it would read, list or delete another's files."""
+    own = tuple(posixpath.join(_plain(run_root), sub) + "/" for sub in ("results", "rejects"))
+    for f in (*manifest.results, *manifest.rejects):
+        plain = _plain(f)
+        if posixpath.normpath(plain) != plain or not plain.startswith(own):
+            raise ConfigError(f"{where}: lists {f}, outside the run's results and rejects folders; refusing to "
+                              "trust it (remove that manifest to run its shard again)")
 
 
 def committed_results(manifests: dict[str, Manifest]) -> list[str]:

@@ -68,3 +68,38 @@ def test_run_records_and_manifests_are_typed_and_a_newer_or_damaged_one_is_named
     write_json_atomic(fs, f"{root}/_manifests/a.json", {**manifest, "state": "half-done"})
     with pytest.raises(ConfigError, match=r"a\.json: not a valid Manifest"):
         read_manifests(fs, root)
+
+
+def test_a_manifest_listing_a_file_outside_its_run_is_refused_and_nothing_is_deleted(tmp_path, capsys):
+    from pathlib import Path
+
+    import pytest
+
+    from pipelines.cli import main
+    from pipelines.config.load import job_snapshot, load_job
+    from pipelines.errors import ConfigError
+    from pipelines.run.commit import RunRecord, create_run_record
+
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "out" / "run")
+    victim = tmp_path / "elsewhere" / "precious.parquet"
+    victim.parent.mkdir()
+    victim.write_bytes(b"not the run's")
+    own = f"{root}/results/a/1.parquet"
+    manifest = {"shard": "a", "path": "a.parquet", "state": "committed", "rows": 1, "results": [own], "rejects": [],
+                "results_rows": 1, "rejects_rows": 0, "failed_rows": 0}
+    for listed in (str(victim), f"{root}/results/../../../elsewhere/precious.parquet", f"{root}/_manifests/b.json",
+                   f"{root}-other/results/a/1.parquet"):
+        write_json_atomic(fs, f"{root}/_manifests/a.json", {**manifest, "results": [own, listed]})
+        with pytest.raises(ConfigError, match=r"a\.json: lists .*, outside the run's results and rejects folders"):
+            read_manifests(fs, root)
+    # The same refusal where a person meets it: rebuilding the run's report.
+    job = load_job(Path(__file__).resolve().parents[2] / "conf/jobs/ticket_triage.yaml",
+                   overrides=[f"output.path={tmp_path / 'out'}"])
+    create_run_record(fs, root, RunRecord(run_id="run", job=job.spec.name, fingerprint="f" * 40,
+                                          created_at="2026-11-29T00:00:00+00:00", snapshot=job_snapshot(job)))
+    assert main(["report", root]) == 2
+    assert "outside the run's results and rejects folders" in capsys.readouterr().err
+    assert victim.read_bytes() == b"not the run's"
+    write_json_atomic(fs, f"{root}/_manifests/a.json", manifest)
+    assert list(read_manifests(fs, root)) == ["a"]  # its own files only: trusted
