@@ -22,6 +22,8 @@ import json
 import logging
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+
 from pipelines.io.storage import join
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,22 @@ ENGINE_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "seed", "trust_remot
 # What a cached answer carries: the generator's outputs for one request.
 ENTRY_FIELDS = ("output_text", "finish_reason", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
                 "output_token_ids", "output_logprob", "generated_at")
+
+
+class CacheEntry(BaseModel):
+    """The shape an entry must have to be used; anything else found under the folder (edited by hand, written by
+    another tool, cut short) is a miss. Token ids and the logprob are there only where the job asked for them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    output_text: str
+    finish_reason: str | None
+    prompt_tokens: StrictInt
+    completion_tokens: StrictInt
+    cached_prompt_tokens: StrictInt
+    output_token_ids: list[StrictInt] | None = None
+    output_logprob: float | int | None = None
+    generated_at: StrictInt | None = None
 
 
 def generation_identity(*, engine: dict[str, Any], sampling: dict[str, Any], structured: dict[str, Any] | None,
@@ -104,9 +122,16 @@ class ResponseCache:
             if key not in wanted:
                 continue
             try:
-                out[key] = json.loads(data)
-            except ValueError:
+                entry = json.loads(data)
+                CacheEntry.model_validate(entry)
+            except ValidationError as exc:
+                log.warning("response cache entry %s is not an answer (%s); generating again", path,
+                            exc.errors()[0]["msg"] if exc.errors() else exc)
+                continue
+            except (ValueError, RecursionError):
                 log.warning("response cache entry %s is not JSON; generating again", path)
+                continue
+            out[key] = entry
         return out
 
     def put_many(self, entries: dict[str, dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@ engine's second run is in test_cache_runs.py)."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import fsspec
@@ -106,15 +107,36 @@ def test_the_request_key_covers_the_prompt_its_image_and_its_own_parameters():
     assert request_key("id", [1, 2, 3], request_params='{"max_tokens": 2}') != k
 
 
+ENTRY = {"output_text": "positive", "finish_reason": "stop", "prompt_tokens": 40, "completion_tokens": 1,
+         "cached_prompt_tokens": 0, "output_token_ids": [5], "generated_at": 1796054779000000}
+
+
 def test_the_store_round_trips_entries_and_misses_what_it_lacks(tmp_path):
     cache = ResponseCache(fsspec.filesystem("file"), str(tmp_path / "cache"))
-    entry = {"output_text": "positive", "completion_tokens": 1, "output_token_ids": [5]}
-    cache.put_many({"ab" * 32: entry})
-    assert cache.get_many(["ab" * 32, "cd" * 32]) == {"ab" * 32: entry}
+    cache.put_many({"ab" * 32: ENTRY})
+    assert cache.get_many(["ab" * 32, "cd" * 32]) == {"ab" * 32: ENTRY}
     assert (tmp_path / "cache" / "v1" / "ab" / f"{'ab' * 32}.json").is_file()
-    (tmp_path / "cache" / "v1" / "cd").mkdir()
-    (tmp_path / "cache" / "v1" / "cd" / f"{'cd' * 32}.json").write_text("{not json")
-    assert cache.get_many(["cd" * 32]) == {}  # a broken entry is a miss, never an error
+
+
+@pytest.mark.parametrize("text", [
+    "{not json",
+    "[]",
+    '"positive"',
+    "[" * 100_000 + "]" * 100_000,  # deeper than the JSON parser recurses
+    json.dumps({k: v for k, v in ENTRY.items() if k != "completion_tokens"}),  # a field missing
+    json.dumps({**ENTRY, "completion_tokens": "1"}),  # a count as text
+    json.dumps({**ENTRY, "prompt_tokens": True}),
+    json.dumps({**ENTRY, "output_text": None}),
+    json.dumps({**ENTRY, "output_token_ids": [5, "x"]}),
+    json.dumps({**ENTRY, "surprise": 1}),  # not what tokenmill writes
+], ids=["not-json", "array", "string", "deep", "missing", "text-count", "bool-count", "null-text", "bad-ids", "extra"])
+def test_a_malformed_entry_is_a_miss_never_an_error(tmp_path, caplog, text):
+    cache = ResponseCache(fsspec.filesystem("file"), str(tmp_path / "cache"))
+    (tmp_path / "cache" / "v1" / "cd").mkdir(parents=True)
+    (tmp_path / "cache" / "v1" / "cd" / f"{'cd' * 32}.json").write_text(text)
+    cache.put_many({"ab" * 32: ENTRY})
+    assert cache.get_many(["cd" * 32, "ab" * 32]) == {"ab" * 32: ENTRY}  # the good entry beside it still serves
+    assert f"{'cd' * 32}.json" in caplog.text and "generating again" in caplog.text
 
 
 def test_the_write_stage_stores_only_new_answers(tmp_path):
