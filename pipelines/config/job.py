@@ -17,13 +17,19 @@ OPENAI_ID = "custom_id"
 def template_fields(template: str) -> list[str]:
     """The `{column}` placeholders of a prompt template, in order, once each."""
     names: list[str] = []
-    for _, field, _, _ in string.Formatter().parse(template):
+    for _, field, spec, conversion in string.Formatter().parse(template):
         if field is None:
             continue
+        # Only the plain column: `str.format` would otherwise evaluate attribute access and indexing on the
+        # record's values, and pad or convert them as a format spec or `!r` says (`{body:>999999999}` is a
+        # gigabyte a row), all decided by whoever writes the template.
         if not field.isidentifier():
             raise ValueError(
                 f"placeholder {{{field}}} must name one input column (use {{{{ and }}}} for literal braces)"
             )
+        if spec or conversion:
+            written = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            raise ValueError(f"placeholder {written}: no format spec or conversion, only {{{field}}}")
         if field not in names:
             names.append(field)
     return names

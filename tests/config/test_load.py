@@ -118,6 +118,21 @@ def test_bad_placeholder_is_named():
         load_job(CONF / "jobs/ticket_triage.yaml", overrides=["prompt.user=Hello {a.b}"])
 
 
+@pytest.mark.parametrize(("template", "said"), [
+    ("{body.__class__}", "placeholder {body.__class__} must name one input column"),  # attribute access
+    ("{body[0]}", "placeholder {body[0]} must name one input column"),  # indexing
+    ("{body:>999999999}", "placeholder {body:>999999999}: no format spec or conversion, only {body}"),  # 1 GB a row
+    ("{body!r}", "placeholder {body!r}: no format spec or conversion, only {body}"),
+    ("{subject!s:^40}", "placeholder {subject!s:^40}: no format spec or conversion, only {subject}"),
+])
+def test_check_refuses_a_template_that_str_format_would_evaluate(template, said, capsys):
+    from pipelines.cli import main
+
+    assert main(["check", str(CONF / "jobs/ticket_triage.yaml"), "--set", f"prompt.system=Hi. {template}"]) == 2
+    err = capsys.readouterr().err
+    assert f"prompt.system: {said}" in err and "records in" not in err
+
+
 def test_actor_pool_bounds_are_checked():
     with pytest.raises(ConfigError, match=r"actors: min \(3\) is larger than max \(1\)"):
         load_job(CONF / "jobs/ticket_triage.yaml", overrides=["actors.min=3"])
