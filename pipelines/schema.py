@@ -35,6 +35,7 @@ class Reason(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_ENCODING = "invalid_encoding"
     DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+    LINE_TOO_LONG = "line_too_long"  # longer than `pipelines.io.openai_batch.MAX_LINE_BYTES`
 
 RESULT_FIELDS: list[pa.Field] = [
     pa.field("output_text", pa.string()),

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from pipelines.config.job import JobSpec, SamplingSpec
 from pipelines.config.storage import StorageOptions
+from pipelines.errors import ConfigError
 from pipelines.io.storage import input_files, join
 from pipelines.schema import STAGED_SCHEMA, Reason
 
@@ -39,6 +40,10 @@ CHAT_URL = "/v1/chat/completions"
 SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty"}
 IGNORED_KEYS = {"model", "user", "metadata", "store", "service_tier", "stream", "parallel_tool_calls"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# A request line's bytes at most (a chat request of a few hundred thousand tokens is under 2 MB), and a request
+# file's, as OpenAI's Batch API limits its input files: a longer line is rejected, a larger file refused.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+MAX_FILE_BYTES = 200 * 1024 * 1024
 _CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -53,29 +58,78 @@ class Reject(Exception):
 def request_files(uri: str, storage: StorageOptions) -> tuple[Any, list[str]]:
     """The `.jsonl` request files at `uri` (a file or a folder), as the filesystem names them."""
     fs, _, files = input_files(uri, storage, ".jsonl", ".jsonl request files")
+    for path in files:
+        size = fs.size(path)
+        if size is not None and size > MAX_FILE_BYTES:
+            raise ConfigError(f"input.path: {path} is {size:,} bytes, more than a request file may hold "
+                              f"({MAX_FILE_BYTES:,}); split it into several files")
     return fs, files
 
 
-def _lines(fs, path: str) -> Iterator[tuple[int, str, bool]]:
-    """(line number, text, whether the line was valid UTF-8); an invalid byte becomes U+FFFD in the text."""
+def _raw_lines(f, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """Each line's bytes without its newline, and whether it was longer than `limit`: of a longer line only the
+    first `limit` bytes are kept, so one huge line costs no more memory than a long one."""
+    buf, over = b"", False
+    while chunk := f.read(1 << 20):
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if not over:
+                buf += chunk[start:] if end < 0 else chunk[start:end]
+                if len(buf) > limit:
+                    buf, over = buf[:limit], True
+            if end < 0:
+                break
+            yield buf, over
+            buf, over, start = b"", False, end + 1
+    if buf or over:
+        yield buf, over
+
+
+def _lines(fs, path: str) -> Iterator[tuple[int, str, Reason | None]]:
+    """(line number, text, what is wrong with the line's bytes or None); an invalid byte becomes U+FFFD in the
+    text, and a line over `MAX_LINE_BYTES` is cut there (its custom_id is looked for in what is left)."""
     with fs.open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number, (raw, over) in enumerate(_raw_lines(f, MAX_LINE_BYTES), start=1):
             try:
-                text, valid = raw.decode("utf-8"), True
+                text, problem = raw.decode("utf-8"), None
             except UnicodeDecodeError:
-                text, valid = raw.decode("utf-8", errors="replace"), False
-            yield number, text.rstrip("\r\n"), valid
+                text, problem = raw.decode("utf-8", errors="replace"), Reason.INVALID_ENCODING
+            yield number, text.rstrip("\r"), Reason.LINE_TOO_LONG if over else problem
+
+
+def _loads(text: str) -> Any:
+    """`json.loads`, with nesting too deep for the parser (a RecursionError) refused as not valid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _text(value: str) -> str:
+    """`value` where it is text; a lone surrogate (`"\\ud800"` in JSON is one) written as its escape, since no
+    file can hold it."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _custom_id_of(text: str) -> str | None:
     """The custom_id of a line, even a line that is not valid JSON (best effort)."""
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except ValueError:
         found = _CUSTOM_ID.search(text)
-        return json.loads(f'"{found.group(1)}"') if found else None
+        if not found:
+            return None
+        try:
+            return _text(json.loads(f'"{found.group(1)}"')) or None
+        except ValueError:  # a bad escape: the id as written
+            return found.group(1)
     cid = value.get("custom_id") if isinstance(value, dict) else None
-    return cid if isinstance(cid, str) and cid else None
+    return _text(cid) if isinstance(cid, str) and cid else None
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -132,11 +186,16 @@ def _structured(response_format: Any) -> dict[str, Any] | None:
 def parse_request(text: str, sampling: SamplingSpec) -> dict[str, Any]:
     """One request line as a staged row (without source, line and reject). Raises `Reject`."""
     try:
-        request = json.loads(text)
+        request = _loads(text)
     except ValueError as exc:
         raise Reject(Reason.INVALID_JSON, f"not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise Reject(Reason.INVALID_JSON, f"expected a JSON object, found {type(request).__name__}")
+    try:
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("utf-8", "backslashreplace").decode("utf-8")
+        raise Reject(Reason.INVALID_ENCODING, f"a string holds {bad}, a lone surrogate, which is not text") from None
     cid = request.get("custom_id")
     if not isinstance(cid, str) or not cid:
         raise Reject(Reason.INVALID_REQUEST, "custom_id is missing or not a non-empty string")
@@ -197,14 +256,16 @@ def stage_requests(spec: JobSpec, storage: StorageOptions, out_fs, staged_root: 
     for k, path in enumerate(files):
         name = path.rsplit("/", 1)[-1]
         rows = []
-        for number, text, valid in _lines(fs, path):
+        for number, text, problem in _lines(fs, path):
             if not text.strip():
                 continue  # a blank line (often the last) is no request
             row = {"custom_id": _custom_id_of(text), "source": name, "line": number, "messages": None,
                    "request_params": None, "max_tokens": None, "reject_code": None, "reject": None}
             try:
-                if not valid:
-                    raise Reject(Reason.INVALID_ENCODING, "the line is not valid UTF-8")
+                if problem is Reason.LINE_TOO_LONG:
+                    raise Reject(problem, f"the line is longer than {MAX_LINE_BYTES:,} bytes")
+                if problem is Reason.INVALID_ENCODING:
+                    raise Reject(problem, "the line is not valid UTF-8")
                 if row["custom_id"] in repeated:
                     lines = ", ".join(f"{s}:{n}" for s, n in repeated[row["custom_id"]])
                     raise Reject(Reason.DUPLICATE_CUSTOM_ID, f"custom_id {row['custom_id']!r} appears on lines {lines}")

@@ -146,3 +146,77 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
     assert summary["output"]["output_lines"] == len(output)
     assert summary["completion_tokens"] == sum(o["response"]["body"]["usage"]["completion_tokens"] for o in output)
     assert "OpenAI batch files" in printed.out
+
+
+def hostile_lines() -> dict[str, tuple[str, str]]:
+    """Lines crafted to break a parser, by name: (the line, the code it must be rejected with)."""
+    ok = json.loads(request_lines()[0])
+
+    def line(custom_id: str, **body) -> str:
+        return json.dumps({**ok, "custom_id": custom_id, "body": {**ok["body"], **body}})
+
+    deep = "[" * 200_000 + "]" * 200_000
+    return {
+        "deep": ('{"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": ' + deep + "}",
+                 "invalid_json"),
+        "deep-bare": (deep, "invalid_json"),
+        "surrogate-text": (line("surrogate-text", messages=[{"role": "user", "content": "hi \ud800 there"}]),
+                           "invalid_encoding"),
+        "surrogate-id": (line("sur\udc00rogate"), "invalid_encoding"),
+        "bad-escape": ('{"custom_id": "bad-escape", "url": "/v1/chat/completions", "body": "\\x41"}', "invalid_json"),
+        "bad-escape-in-id": ('{"custom_id": "esc\\q", "body": {}', "invalid_json"),
+        "array": ("[1, 2, 3]", "invalid_json"),
+        "string": ('"a request"', "invalid_json"),
+        "null": ("null", "invalid_json"),
+        "number": ("1e999999", "invalid_json"),
+        "huge": (line("huge", messages=[{"role": "user", "content": "x" * 5_000_000}]), "line_too_long"),
+        "control-bytes": (line("control") + "\x00\x1b[2J", "invalid_json"),
+    }
+
+
+@pytest.mark.cluster
+def test_hostile_lines_are_rejected_one_by_one_and_the_run_goes_on(ray_cluster, s3_env, model_path, tmp_path, capsys):
+    """Each crafted line becomes an errors.jsonl entry with its code and line number; the good lines around them
+    are answered (on the stand-in engine: what is tested is the reading, staging and writing, on S3)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket=f"{BUCKET}-hostile")
+    good = request_lines()
+    hostile = hostile_lines()
+    lines = [good[0], *(text for text, _ in hostile.values()), good[1]]
+    body = "\n".join(lines).encode("utf-8", "surrogatepass") + b"\n"
+    client.put_object(Bucket=f"{BUCKET}-hostile", Key="requests/batch.jsonl", Body=body)
+    spec = spec_file(tmp_path, f"s3://{BUCKET}-hostile/requests/", f"s3://{BUCKET}-hostile/out/")
+    assert main(["run", str(spec), "--conf-dir", str(REPO / "conf"), "--run-id", "hostile", "--no-progress",
+                 "--set", "engine=stand-in", "--set", "sampling.max_tokens=4"]) == 0, capsys.readouterr().err[-3000:]
+
+    def jsonl(key: str) -> list[dict]:
+        text = client.get_object(Bucket=f"{BUCKET}-hostile", Key=key)["Body"].read().decode()
+        return [json.loads(x) for x in text.splitlines()]
+
+    output, errors = jsonl("out/hostile/output.jsonl"), jsonl("out/hostile/errors.jsonl")
+    assert sorted(o["custom_id"] for o in output) == ["req-000", "req-001"]
+    by_line = {e["error"]["line"]: e for e in errors}
+    assert sorted(by_line) == list(range(2, 2 + len(hostile)))  # each hostile line, once, by its number
+    for line_no, (name, (_, code)) in enumerate(hostile.items(), start=2):
+        error = by_line[line_no]["error"]
+        assert error["code"] == code, (name, error)
+        assert error["message"].startswith(f"line {line_no} of batch.jsonl: "), (name, error)
+    ids = {e["error"]["line"]: e["custom_id"] for e in errors}
+    assert ids[2] == "deep" and ids[6] == "bad-escape" and ids[12] == "huge"  # found even where the JSON is not
+    assert ids[5] == "sur\\udc00rogate" and ids[7] == "esc\\q"  # written as escapes, not lost
+    assert "nested too deeply" in by_line[2]["error"]["message"]
+    assert "longer than 4,194,304 bytes" in by_line[12]["error"]["message"]
+    with capsys.disabled():
+        print(f"\nhostile OpenAI batch lines: {len(hostile)} tried, {len(errors)} rejected, "
+              f"{len(output)} good lines answered")
+
+
+def test_a_request_file_larger_than_the_limit_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import pipelines.io.openai_batch as batch
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.jsonl").write_text("\n".join(request_lines()[:2]) + "\n")
+    monkeypatch.setattr(batch, "MAX_FILE_BYTES", 100)
+    spec = spec_file(tmp_path, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert main(["check", str(spec), "--conf-dir", str(REPO / "conf")]) == 2
+    assert "big.jsonl is " in capsys.readouterr().err and not (tmp_path / "out").exists()
