@@ -1,9 +1,10 @@
 """The response cache: a request answered before is not sent to the engine again.
 
 A request's key is a SHA-256 over everything that decides its answer and
-nothing else: the model and the engine settings that change its numbers, the
-sampling parameters, the decoding constraint, the LoRA adapter, and the
-rendered prompt as token ids (with its image's bytes). Settings that only
+nothing else: the model and its revision (`pipelines.models.model_revision`),
+the engine settings that change its numbers, the sampling parameters, the
+decoding constraint, the LoRA adapter, and the rendered prompt as token ids
+(with its image's bytes). Settings that only
 change speed (batch sizes, prefix caching, eager mode, memory shares, replicas)
 are left out, so retuning an engine keeps its cache.
 
@@ -56,7 +57,8 @@ class CacheEntry(BaseModel):
 
 
 def generation_identity(*, engine: dict[str, Any], sampling: dict[str, Any], structured: dict[str, Any] | None,
-                        logprobs: bool, adapter: dict[str, Any] | None) -> dict[str, Any]:
+                        logprobs: bool, adapter: dict[str, Any] | None,
+                        model_revision: str | None = None) -> dict[str, Any]:
     """Everything besides the prompt that decides a request's answer, as plain JSON.
 
     Args:
@@ -65,11 +67,14 @@ def generation_identity(*, engine: dict[str, Any], sampling: dict[str, Any], str
         structured: The decoding constraint (`pipelines.stages.generate.structured_outputs`).
         logprobs: Whether the answer carries its logprob.
         adapter: The LoRA adapter's identity (name, where it is, its content digest), if any.
+        model_revision: What tells these weights from others of the same name
+            (`pipelines.models.model_revision`), where it can be known.
     """
     args = engine["engine_args"]
     return {
         "version": VERSION,
         "model": engine["model"],
+        "model_revision": model_revision,
         "tokenizer": engine.get("tokenizer"),
         "engine": {k: args.get(k) for k in ENGINE_FIELDS},
         "sampling": sampling,

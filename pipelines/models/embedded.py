@@ -16,6 +16,8 @@ both end with the same complete folder and a reader never sees a half-written on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -107,6 +109,43 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         _build_tiny_llama4_vision,
     ),
 }
+
+
+# The files whose bytes are a model's answers: its weights and its config (the tokenizer shows in the prompt's
+# token ids, which every cache key holds already).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_revision(model: str) -> str | None:
+    """What tells one set of weights from another under the same engine-profile `model`, for keys that must
+    change when the weights do (the response cache's).
+
+    An embedded model: where it is built from (the package version, or the digest of the code that builds
+    it), the same on every machine. A local folder: its weight and config files by name, size and
+    modification time, so weights replaced in place are a new revision. Anything else (a hub id, an object
+    store) is named by `model` alone, plus a `revision` pinned in the profile's `extra_args`; None.
+    """
+    if model.startswith(EMBEDDED_PREFIX):
+        name = model.removeprefix(EMBEDDED_PREFIX)
+        embedded = EMBEDDED.get(name)
+        if embedded is None:
+            raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
+        if name == "smollm2-135m-instruct":
+            try:
+                made_from = f"{SMOLLM2_PACKAGE} {importlib.metadata.version(SMOLLM2_PACKAGE)}"
+            except importlib.metadata.PackageNotFoundError:
+                made_from = f"{SMOLLM2_PACKAGE} (not installed)"
+        else:
+            code = Path(__file__).with_name("tiny_llama4.py").read_bytes()
+            made_from = f"tiny_llama4.py sha256:{hashlib.sha256(code).hexdigest()[:16]}"
+        return f"{embedded.upstream}; {made_from}"
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name ==
+                                                                      "config.json"))
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return "files sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def model_dir(name: str, home: Path | None = None) -> Path:

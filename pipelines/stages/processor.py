@@ -13,6 +13,7 @@ from pipelines.config.storage import StorageOptions
 from pipelines.io.metrics import count_written
 from pipelines.io.response_cache import ResponseCache, generation_identity, identity_digest, store_batch
 from pipelines.io.storage import filesystem_for
+from pipelines.models import model_revision
 from pipelines.models.adapters import Adapter, adapter_identity
 from pipelines.schema import task_fields
 from pipelines.stages.account import account_batch
@@ -93,6 +94,7 @@ def cache_settings(job: Job, storage: StorageOptions, adapter: Adapter | None) -
         structured=structured_outputs(spec),
         logprobs=bool(spec.classify and spec.classify.probability),
         adapter=adapter_identity(adapter, storage) if adapter else None,
+        model_revision=model_revision(job.engine.model),
     )
     return {"fs": fs, "root": root, "identity": identity_digest(identity), "read": spec.cache.read}
 

