@@ -72,6 +72,52 @@ def entrypoint(job: str, partition: str, args: list[str]) -> str:
     return shlex.join(["python", *module, "--date", partition, *args])
 
 
+# Spec keys whose values are credentials, by their dotted and underscored parts.
+_SECRET_PARTS = {"secret", "password", "passwd", "credential", "credentials", "token", "apikey", "accesskey"}
+_KEY_OWNERS = {"access", "api", "private", "secret", "account", "sas", "session"}
+
+
+def secret_key(key: str) -> bool:
+    """Whether a spec key (`storage.secret_access_key`, `engine.env.HF_TOKEN`) names a credential; counts such as
+    `sampling.max_tokens` and switches such as `output.include_token_ids` do not."""
+    parts = [p for p in re.split(r"[._\-]+", key.lower()) if p]
+    if not parts:
+        return False
+    if any(p in ("secret", "password", "passwd", "credential", "credentials") for p in parts):
+        return True
+    if parts[-1] in _SECRET_PARTS:
+        return True
+    return any(a in _KEY_OWNERS and b == "key" for a, b in zip(parts, parts[1:]))
+
+
+def check_args(args: list[str]) -> list[str]:
+    """Refuse `--set` of a credential: the arguments become the job's entrypoint, which Ray shows in `ray job
+    list`, the dashboard and the logs. The value is never repeated."""
+    for flag, value in zip(args, args[1:]):
+        if flag == "--set" and secret_key(value.partition("=")[0].strip()):
+            raise SubmitError(f"--set {value.partition('=')[0].strip()}: looks like a credential, and a job's "
+                              "arguments are shown in `ray job list`, the dashboard and the logs; give "
+                              "credentials to the cluster's nodes instead (a Kubernetes secret as environment "
+                              "variables, an instance role)")
+    return args
+
+
+def connect(address: str):
+    """A Jobs API client for `address`; a cluster that does not answer, or refuses the token, is a one-line
+    `SubmitError` that names the address, not a traceback."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
+        said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        refused = any(w in said.lower() for w in ("unauthorized", "401", "403", "token"))
+        what = ("refused this machine's Ray token: set RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's"
+                if refused else "does not answer: check --address (or RAY_ADDRESS) and that the head's dashboard "
+                "port is reachable from here")
+        raise SubmitError(f"the Ray cluster at {address} {what} ({type(exc).__name__}: {said})") from None
+
+
 def check_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
     """Refuse credentials in `env_vars`: Ray records a job's runtime_env in its logs and dashboard."""
     bad = sorted(k for k in (runtime_env.get("env_vars") or {}) if SECRET_NAME.search(k))
@@ -95,10 +141,11 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
         runtime_env: Ray's runtime_env (working_dir, excludes, non-secret env_vars).
         wait: Follow the job's logs (through `echo`) until it ends.
     """
-    from ray.job_submission import JobSubmissionClient
-
+    # Everything that can be refused is, before the cluster is contacted.
     check_partition(partition)
-    client = JobSubmissionClient(address, headers=auth_headers())
+    check_args(list(args or []))
+    env = check_runtime_env(dict(runtime_env or {}))
+    client = connect(address)
     base = submission_id(job, partition)
     attempts = sorted((a, j.submission_id, _status(j.status)) for j in client.list_jobs() if j.submission_id
                       and (a := _attempt_of(j.submission_id, base)) is not None)
@@ -113,7 +160,6 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
     else:
         attempt = attempts[-1][0] + 1 if attempts else 1
         sid = submission_id(job, partition, attempt)
-        env = check_runtime_env(dict(runtime_env or {}))
         _submit_job(client, entrypoint=entrypoint(job, partition, list(args or [])), submission_id=sid,
                     runtime_env=env or None, metadata={"tokenmill_job": job, "partition": partition})
         echo(f"tokenmill submit: submitted {sid}" + (f" (attempt {attempt})" if attempt > 1 else ""))

@@ -62,3 +62,42 @@ def test_a_poll_interval_that_is_not_seconds_above_zero_is_refused_by_name(value
         main(["submit", "conf/jobs/ticket_triage.yaml", "--date", "2026-11-27", "--poll", value])
     assert exited.value.code == 2
     assert f"argument --poll: {value!r}" in capsys.readouterr().err
+
+
+def test_keys_that_name_credentials_are_told_from_counts_and_switches():
+    from pipelines.run.submit import secret_key
+
+    for key in ("storage.secret_access_key", "storage.access_key_id", "storage.session_token", "engine.env.HF_TOKEN",
+                "storage.extra.password", "storage.extra.client_kwargs.aws_secret_access_key", "engine.env.API_KEY",
+                "storage.extra.account_key", "storage.extra.sas_key", "engine.env.OPENAI_APIKEY"):
+        assert secret_key(key), key
+    for key in ("sampling.max_tokens", "output.include_token_ids", "input.id_column", "output.path", "batch_size",
+                "cache.path", "engine", "lora.path", "storage.endpoint_url", "sampling.stop"):
+        assert not secret_key(key), key
+
+
+@pytest.mark.parametrize("key", ["storage.secret_access_key", "storage.extra.token", "storage.extra.password"])
+def test_submit_refuses_a_credential_in_set_before_contacting_the_cluster(key, capsys):
+    from conftest import _free_port
+
+    from pipelines.cli import main
+
+    canary = "canary-d0-not-print-7f3a"
+    nobody = f"http://127.0.0.1:{_free_port()}"  # nothing listens: the refusal must come first
+    code = main(["submit", "conf/jobs/ticket_triage.yaml", "--date", "2026-11-27", "--address", nobody,
+                 "--set", f"{key}={canary}"])
+    printed = capsys.readouterr()
+    assert code == 2 and f"--set {key}: looks like a credential" in printed.err
+    assert "does not answer" not in printed.err and canary not in printed.err + printed.out
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_naming_it(capsys):
+    from conftest import _free_port
+
+    from pipelines.cli import main
+
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    code = main(["submit", "conf/jobs/ticket_triage.yaml", "--date", "2026-11-27", "--address", nobody, "--no-wait"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"the Ray cluster at {nobody} does not answer: check --address" in err
