@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 
 from pipelines.errors import ConfigError
 from pipelines.io.storage import protocol_of
@@ -21,6 +23,7 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        check_answers(os.environ["RAY_ADDRESS"])
         ray.init()
         return
     if not small_host.enabled():
@@ -29,6 +32,26 @@ def ensure_ray() -> None:
     with small_host.daemon_env(small_host.QUIET_CLUSTER_ENV):
         ray.init(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
     small_host.tune()
+
+
+def check_answers(address: str, *, attempts: int = 3, timeout_s: float = 5.0) -> None:
+    """Refuse, in one line, a `RAY_ADDRESS` (`host:port` or `ray://host:port`) where nothing listens: `ray.init`
+    would retry it for minutes, printing a warning every few seconds. Other forms (`auto`) are Ray's to resolve."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in target:
+        return
+    error: OSError | None = None
+    for attempt in range(attempts):
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            error = exc
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+    raise ConfigError(f"RAY_ADDRESS={address}: nothing answers there ({error}); start the cluster or correct the "
+                      "address, or unset RAY_ADDRESS to run on a cluster of this machine's own")
 
 
 def dead_nodes() -> set[str]:

@@ -101,3 +101,23 @@ def test_a_cluster_that_does_not_answer_is_one_line_naming_it(capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"the Ray cluster at {nobody} does not answer: check --address" in err
+
+
+def test_run_with_a_ray_address_where_nothing_answers_is_one_line():
+    """In a process of its own: this one may already be connected to the session's cluster."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import _free_port
+
+    address = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "conf/jobs/ticket_triage.yaml",
+                           "--set", "engine=stand-in", "--no-progress"], env={**os.environ, "RAY_ADDRESS": address},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"RAY_ADDRESS={address}: nothing answers there" in done.stderr
+    assert time.monotonic() - started < 60  # ray.init alone retried for minutes
