@@ -192,12 +192,24 @@ def accelerator_price(engine: EngineProfile, book: PriceBook, conf: Path, *, req
     return rate
 
 
+# What a snapshot holds instead of a value that may be a credential.
+MASKED = "<masked>"
+
+
 def job_snapshot(job: Job) -> dict[str, Any]:
     """Everything a run's results depend on, as JSON: kept in the run's folder so that its summary and report can
-    be rebuilt from the run alone (`tokenmill report`), whatever has changed in `conf/` since."""
+    be rebuilt from the run alone (`tokenmill report`), whatever has changed in `conf/` since.
+
+    The engine profile's `env` and the storage's `extra` options are kept by name only: either may carry a
+    credential (a hub token, a service-account key), and neither decides an answer. Storage keys are secrets
+    already (`SecretStr`, dumped masked)."""
+    spec = job.spec.model_dump(mode="json")
+    spec["storage"]["extra"] = dict.fromkeys(spec["storage"]["extra"], MASKED)
+    engine = job.engine.model_dump(mode="json")
+    engine["env"] = dict.fromkeys(engine["env"], MASKED)
     return {
-        "spec": job.spec.model_dump(mode="json"),
-        "engine": job.engine.model_dump(mode="json"),
+        "spec": spec,
+        "engine": engine,
         "price": job.price.model_dump(mode="json"),
         "hosted": {k: v.model_dump(mode="json") for k, v in job.hosted.items()},
         "accelerator_price": job.accelerator_price.model_dump(mode="json") if job.accelerator_price else None,
@@ -210,7 +222,13 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
     """The job a run was started with (`job_snapshot`)."""
     rate = snapshot.get("accelerator_price")
-    return Job(spec=JobSpec.model_validate(snapshot["spec"]), engine=EngineProfile.model_validate(snapshot["engine"]),
+    spec, engine = dict(snapshot["spec"]), dict(snapshot["engine"])
+    # Masked values were never kept: the rebuilt job goes without them.
+    storage = dict(spec.get("storage") or {})
+    storage["extra"] = {k: v for k, v in (storage.get("extra") or {}).items() if v != MASKED}
+    spec["storage"] = storage
+    engine["env"] = {k: v for k, v in (engine.get("env") or {}).items() if v != MASKED}
+    return Job(spec=JobSpec.model_validate(spec), engine=EngineProfile.model_validate(engine),
                price=ModelPrice.model_validate(snapshot["price"]), spec_path=Path(snapshot["spec_path"]),
                conf_dir=Path(snapshot["conf_dir"]),
                hosted={k: HostedPrice.model_validate(v) for k, v in snapshot["hosted"].items()},

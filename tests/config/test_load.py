@@ -273,3 +273,25 @@ def test_accelerator_time_needs_a_rate_for_the_profile(tmp_path):
         load_job(conf / "jobs/ticket_triage.yaml", overrides=["cost.mode=accelerator_time"])
     # Per-token costing does not need it.
     assert load_job(conf / "jobs/ticket_triage.yaml").accelerator_price is None
+
+
+def test_the_run_snapshot_keeps_profile_env_and_storage_extra_by_name_only():
+    """`_run.json` holds `job_snapshot`: neither the engine profile's env values nor the storage's extra options
+    (either may carry a credential) are in it, and the job rebuilt from it goes without them."""
+    import json
+
+    from pipelines.config.load import MASKED, job_from_snapshot, job_snapshot
+
+    canary = "canary-5ecret-do-not-keep"
+    job = load_job(CONF / "jobs/ticket_triage.yaml",
+                   overrides=[f"storage.extra.token={canary}", f"storage.secret_access_key={canary}"],
+                   engine_overrides=[f"env.HF_TOKEN={canary}"])
+    assert job.engine.env["HF_TOKEN"] == canary and job.spec.storage.extra["token"] == canary
+    snapshot = job_snapshot(job)
+    text = json.dumps(snapshot)
+    assert canary not in text
+    assert snapshot["engine"]["env"]["HF_TOKEN"] == MASKED and snapshot["spec"]["storage"]["extra"]["token"] == MASKED
+    assert snapshot["engine"]["env"]["VLLM_CPU_KVCACHE_SPACE"] == MASKED  # by name only, whatever the name
+    rebuilt = job_from_snapshot(json.loads(text))
+    assert "HF_TOKEN" not in rebuilt.engine.env and "token" not in rebuilt.spec.storage.extra
+    assert rebuilt.spec.name == job.spec.name and rebuilt.engine.name == job.engine.name
