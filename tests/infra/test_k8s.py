@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,71 @@ def test_rayjob_runs_a_job_on_the_cluster_of_its_profile(path):
     assert f"engine={profile}" in entry
     date = entry[entry.index("--date") + 1]
     assert doc["spec"]["jobId"] == f"tokenmill-{entry[2].removeprefix('jobs.')}-{date}"
+
+
+def _literal_credentials(doc, where: str = "") -> list[str]:
+    """Places in a parsed manifest where a credential is written out: an env entry whose name looks like a
+    credential with a `value` (not a `valueFrom` a Secret), or a Secret with its data in the file."""
+    from pipelines.run.submit import secret_key
+
+    found = []
+    if isinstance(doc, dict):
+        if doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+            found.append(f"{where}: a Secret with its data")
+        if isinstance(doc.get("name"), str) and "value" in doc and secret_key(doc["name"]):
+            found.append(f"{where}: {doc['name']} has a literal value")
+        for key, value in doc.items():
+            found += _literal_credentials(value, f"{where}.{key}")
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            found += _literal_credentials(value, f"{where}[{i}]")
+    return found
+
+
+# A literal key or token as text, in any file: AWS access key ids, and `secret = ...` assignments.
+LITERAL = re.compile(r"AKIA[0-9A-Z]{16}|(?i:(secret_access_key|auth_token|password)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,})")
+
+
+def test_no_file_under_infra_holds_a_literal_credential():
+    files = [p for p in (REPO / "infra").rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".py", ".md",
+                                                                                    ".txt", ".json", ".cfg")]
+    assert len(files) >= 8
+    found = []
+    for path in files:
+        text = path.read_text()
+        found += [f"{path.relative_to(REPO)}: {m.group(0)[:12]}..." for m in LITERAL.finditer(text)]
+        if path.suffix in (".yaml", ".yml"):
+            for k, doc in enumerate(yaml.safe_load_all(text)):
+                found += _literal_credentials(doc, f"{path.relative_to(REPO)}#{k}")
+    assert not found, found
+    # The check finds what it looks for.
+    planted = {"spec": {"containers": [{"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"},
+                                                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s"}}}]}]}}
+    assert _literal_credentials(planted) == [".spec.containers[0].env[0]: AWS_SECRET_ACCESS_KEY has a literal value"]
+    assert _literal_credentials({"kind": "Secret", "stringData": {"auth_token": "t"}})
+    assert LITERAL.search("aws_secret_access_key: wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY")
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if manifest(p)["kind"] == "RayCluster"], ids=lambda p: p.name)
+def test_every_cluster_asks_for_rays_token_on_every_endpoint(path):
+    auth = manifest(path)["spec"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": "tokenmill-ray-auth"}
+    version = tuple(int(x) for x in manifest(path)["spec"]["rayVersion"].split(".")[:2])
+    assert version >= (2, 52)  # token authentication's first Ray
+
+
+def test_only_the_scheduler_and_the_clusters_own_pods_reach_the_head():
+    policy = manifest(K8S / "policy/networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules), "a rule without `from` admits every pod"
+    public = {p["port"] for rule in rules for p in rule.get("ports", [])
+              if any("namespaceSelector" in f for f in rule["from"])}
+    assert public == {8265, 10001, 8080}
+    for rule in rules:
+        if "ports" not in rule:  # every port: only the Ray nodes themselves
+            assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
+    jobs_api = [rule for rule in rules if {p["port"] for p in rule.get("ports", [])} == {8265, 10001}]
+    assert [r["from"] for r in jobs_api] == [[{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "airflow"}}}]]
