@@ -14,9 +14,9 @@ from pydantic import BaseModel, ValidationError
 
 from pipelines.config.engine import CostProfile, EngineProfile
 from pipelines.config.job import JobSpec
-from pipelines.config.names import night_problem
 from pipelines.config.prices import AcceleratorPrice, HostedPrice, ModelPrice, PriceBook
 from pipelines.errors import ConfigError
+from pipelines.names import night_problem
 from pipelines.paths import conf_dir_for
 
 M = TypeVar("M", bound=BaseModel)

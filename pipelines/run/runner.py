@@ -13,13 +13,13 @@ import time
 import uuid
 
 from pipelines.config.load import Job, job_snapshot
-from pipelines.config.names import run_id_problem
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError, EngineError, RunAborted
 from pipelines.io.openai_batch import request_files, stage_requests, write_batch_files
 from pipelines.io.storage import filesystem_for, join
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, check_adapter
+from pipelines.names import run_id_problem
 from pipelines.run.cluster import check_reachable, dead_nodes, ensure_ray
 from pipelines.run.commit import (
     RUN_FILE,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.config.names import night_problem
+from pipelines.names import night_problem
 from pipelines.paths import REPO_DIR
 
 REPO = REPO_DIR

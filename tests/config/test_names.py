@@ -8,8 +8,8 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.config.load import load_job
-from pipelines.config.names import night_problem, run_id_problem
 from pipelines.errors import ConfigError
+from pipelines.names import night_problem, run_id_problem
 from pipelines.run.submit import SubmitError, check_partition
 
 JOB = Path(__file__).resolve().parents[2] / "conf/jobs/ticket_triage.yaml"

@@ -121,3 +121,15 @@ def test_run_with_a_ray_address_where_nothing_answers_is_one_line():
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"RAY_ADDRESS={address}: nothing answers there" in done.stderr
     assert time.monotonic() - started < 60  # ray.init alone retried for minutes
+
+
+def test_submit_imports_without_the_data_stack():
+    """The Airflow DAG imports `pipelines.run.submit` in Airflow's own environment, which has neither pyarrow nor
+    Ray Data: importing it must not pull them in (the DAG test on real Airflow found this once)."""
+    import subprocess
+    import sys
+
+    blocked = "import sys\nfor m in ('pyarrow', 'polars', 'pydantic', 'vllm', 'torch'): sys.modules[m] = None\n"
+    done = subprocess.run([sys.executable, "-c", blocked + "import pipelines.run.submit"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
