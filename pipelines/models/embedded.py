@@ -43,6 +43,7 @@ class EmbeddedModel:
     name: str
     upstream: str  # what it was made from
     build: Callable[[Path, Path | None], None]  # (empty folder, home): writes a complete Hugging Face folder
+    made_from: Callable[[], str]  # what its weights are built from, the same on every machine (`model_revision`)
 
 
 def _gguf_path() -> Path:
@@ -96,19 +97,41 @@ def _build_tiny_llama4_vision(out: Path, home: Path | None) -> None:
     build_multimodal(out, tokenizer_source=prepare("smollm2-135m-instruct", home=home))
 
 
+def _smollm2_made_from() -> str:
+    try:
+        return f"{SMOLLM2_PACKAGE} {importlib.metadata.version(SMOLLM2_PACKAGE)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{SMOLLM2_PACKAGE} (not installed)"
+
+
+def _tiny_llama4_made_from() -> str:
+    code = Path(__file__).with_name("tiny_llama4.py").read_bytes()
+    return f"tiny_llama4.py sha256:{hashlib.sha256(code).hexdigest()[:16]}"
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "smollm2-135m-instruct", f"HuggingFaceTB/SmolLM2-135M-Instruct via {SMOLLM2_PACKAGE}", _build_smollm2
+        "smollm2-135m-instruct", f"HuggingFaceTB/SmolLM2-135M-Instruct via {SMOLLM2_PACKAGE}", _build_smollm2,
+        _smollm2_made_from,
     ),
     "tiny-llama4": EmbeddedModel(
-        "tiny-llama4", "random Llama4ForCausalLM (pipelines/models/tiny_llama4.py)", _build_tiny_llama4
+        "tiny-llama4", "random Llama4ForCausalLM (pipelines/models/tiny_llama4.py)", _build_tiny_llama4,
+        _tiny_llama4_made_from,
     ),
     "tiny-llama4-vision": EmbeddedModel(
         "tiny-llama4-vision",
         "random Llama4ForConditionalGeneration (pipelines/models/tiny_llama4.py)",
         _build_tiny_llama4_vision,
+        _tiny_llama4_made_from,
     ),
 }
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    model = EMBEDDED.get(name)
+    if model is None:
+        raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
+    return model
 
 
 # The files whose bytes are a model's answers: its weights and its config (the tokenizer shows in the prompt's
@@ -126,25 +149,17 @@ def model_revision(model: str) -> str | None:
     store) is named by `model` alone, plus a `revision` pinned in the profile's `extra_args`; None.
     """
     if model.startswith(EMBEDDED_PREFIX):
-        name = model.removeprefix(EMBEDDED_PREFIX)
-        embedded = EMBEDDED.get(name)
-        if embedded is None:
-            raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
-        if name == "smollm2-135m-instruct":
-            try:
-                made_from = f"{SMOLLM2_PACKAGE} {importlib.metadata.version(SMOLLM2_PACKAGE)}"
-            except importlib.metadata.PackageNotFoundError:
-                made_from = f"{SMOLLM2_PACKAGE} (not installed)"
-        else:
-            code = Path(__file__).with_name("tiny_llama4.py").read_bytes()
-            made_from = f"tiny_llama4.py sha256:{hashlib.sha256(code).hexdigest()[:16]}"
-        return f"{embedded.upstream}; {made_from}"
+        embedded = embedded_model(model.removeprefix(EMBEDDED_PREFIX))
+        return f"{embedded.upstream}; {embedded.made_from()}"
     folder = Path(model)
     if not folder.is_dir():
         return None
     files = sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name ==
                                                                       "config.json"))
-    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    listing = []
+    for p in files:
+        st = p.stat()
+        listing.append((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns))
     return "files sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
@@ -161,9 +176,7 @@ def prepare(name: str = "smollm2-135m-instruct", *, home: Path | None = None, fo
 
     Idempotent: a complete folder is returned as it is unless `force` is set.
     """
-    model = EMBEDDED.get(name)
-    if model is None:
-        raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
+    model = embedded_model(name)
 
     def build(tmp: Path) -> None:
         log.info("preparing %s (%s)", name, model.upstream)

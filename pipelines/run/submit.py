@@ -94,8 +94,9 @@ def check_args(args: list[str]) -> list[str]:
     """Refuse `--set` of a credential: the arguments become the job's entrypoint, which Ray shows in `ray job
     list`, the dashboard and the logs. The value is never repeated."""
     for flag, value in zip(args, args[1:]):
-        if flag == "--set" and secret_key(value.partition("=")[0].strip()):
-            raise SubmitError(f"--set {value.partition('=')[0].strip()}: looks like a credential, and a job's "
+        key = value.partition("=")[0].strip()
+        if flag == "--set" and secret_key(key):
+            raise SubmitError(f"--set {key}: looks like a credential, and a job's "
                               "arguments are shown in `ray job list`, the dashboard and the logs; give "
                               "credentials to the cluster's nodes instead (a Kubernetes secret as environment "
                               "variables, an instance role)")
