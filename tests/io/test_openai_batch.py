@@ -48,6 +48,12 @@ def request_lines(n: int = 24) -> list[str]:
     return lines[:12] + [""] + lines[12:]  # a blank line is no request
 
 
+def jsonl(client, bucket: str, key: str) -> list[dict]:
+    """An output file of a run on S3, one JSON object a line."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return [json.loads(x) for x in body.splitlines()]
+
+
 def spec_file(tmp_path: Path, input_path: str, output_path: str) -> Path:
     spec = {"name": "batch_file", "engine": "cpu-smollm2",
             "input": {"path": input_path, "format": "openai_batch"},
@@ -109,11 +115,7 @@ def test_batch_file_round_trip_through_s3(ray_cluster, s3_env, model_path, tmp_p
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
 
-    def jsonl(key: str) -> list[dict]:
-        body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
-        return [json.loads(x) for x in body.splitlines()]
-
-    output, errors = jsonl("out/rt/output.jsonl"), jsonl("out/rt/errors.jsonl")
+    output, errors = jsonl(client, BUCKET, "out/rt/output.jsonl"), jsonl(client, BUCKET, "out/rt/errors.jsonl")
     sent = [json.loads(x)["custom_id"] for x in lines if x and x != lines[3]] + ["req-003"]
     assert len(output) + len(errors) == len(sent) == 25
     ok_ids, err_ids = {o["custom_id"] for o in output}, {e["custom_id"] for e in errors}
@@ -189,11 +191,8 @@ def test_hostile_lines_are_rejected_one_by_one_and_the_run_goes_on(ray_cluster, 
     assert main(["run", str(spec), "--conf-dir", str(REPO / "conf"), "--run-id", "hostile", "--no-progress",
                  "--set", "engine=stand-in", "--set", "sampling.max_tokens=4"]) == 0, capsys.readouterr().err[-3000:]
 
-    def jsonl(key: str) -> list[dict]:
-        text = client.get_object(Bucket=f"{BUCKET}-hostile", Key=key)["Body"].read().decode()
-        return [json.loads(x) for x in text.splitlines()]
-
-    output, errors = jsonl("out/hostile/output.jsonl"), jsonl("out/hostile/errors.jsonl")
+    output = jsonl(client, f"{BUCKET}-hostile", "out/hostile/output.jsonl")
+    errors = jsonl(client, f"{BUCKET}-hostile", "out/hostile/errors.jsonl")
     assert sorted(o["custom_id"] for o in output) == ["req-000", "req-001"]
     by_line = {e["error"]["line"]: e for e in errors}
     assert sorted(by_line) == list(range(2, 2 + len(hostile)))  # each hostile line, once, by its number
