@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from typing import Literal
 
@@ -71,6 +72,73 @@ class InputSpec(BaseModel):
         return self
 
 
+IMAGE_MAX_BYTES = 20 * 2**20
+
+
+def _uri_parts(uri: str) -> tuple[str, str]:
+    """(scheme, rest) of a URI, the scheme lower-cased; a plain path is `file`."""
+    if "://" not in uri:
+        return "file", uri
+    scheme, rest = uri.split("://", 1)
+    return scheme.lower(), rest
+
+
+def image_prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot be an allowed image location, or None."""
+    scheme, rest = _uri_parts(prefix)
+    if "::" in prefix:
+        return "chained fsspec URLs (`a::b`) are not allowed"
+    if not scheme.isidentifier():
+        return f"{scheme!r} is not a URI scheme"
+    if scheme == "file":
+        return None if rest.startswith("/") else "a local prefix must be an absolute path"
+    if not rest.split("/", 1)[0]:
+        return "name the bucket or host"
+    if "@" in rest.split("/", 1)[0]:
+        return "no user or password in the URI"
+    return None
+
+
+class ImageFetchSpec(BaseModel):
+    """Where image references in the data may point, and how much may be fetched.
+
+    The data decides which objects are fetched, with the pipeline's own credentials:
+    without a fence, one row could read another team's bucket or the cloud metadata service.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow: list[str] | None = Field(
+        None, description="URI prefixes image references may name (`s3://bucket/images/`, "
+        "`https://cdn.example.com/`, `/data/images/`). Default: the input's own bucket (for local input, its "
+        "folder). http(s) is fetched only from a prefix listed here.",
+    )
+    max_bytes: int = Field(IMAGE_MAX_BYTES, ge=1, description="Largest image fetched or accepted inline, in bytes.")
+    allow_link_local: bool = Field(
+        False, description="Fetch from hosts whose address is link-local (169.254.0.0/16, fe80::/10: cloud "
+        "metadata services). Off unless you mean it.",
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _prefixes(cls, value: list[str] | None) -> list[str] | None:
+        for prefix in value or []:
+            problem = image_prefix_problem(prefix)
+            if problem:
+                raise ValueError(f"{prefix!r}: {problem}")
+        return value
+
+
+def default_image_prefix(input_path: str) -> str:
+    """The input's own bucket (`s3://bucket/`) or, for a local input, its folder."""
+    scheme, rest = _uri_parts(input_path)
+    if scheme == "file":
+        path = os.path.abspath(rest)
+        folder = path if not path.endswith((".parquet", ".jsonl")) else os.path.dirname(path)
+        return folder.rstrip("/") + "/"
+    return f"{scheme}://{rest.split('/', 1)[0]}/"
+
+
 class PromptSpec(BaseModel):
     """The chat messages each record becomes; `{column}` placeholders take the record's values."""
 
@@ -82,6 +150,10 @@ class PromptSpec(BaseModel):
         None,
         description="Column holding an image (bytes, or a local path / `s3://` / `gs://` URI) that goes "
         "before the text in the user message; for multimodal engine profiles.",
+    )
+    images: ImageFetchSpec = Field(
+        default_factory=ImageFetchSpec,
+        description="Where `image_column` references may be fetched from, and the size cap.",
     )
     task_instructions: bool = Field(
         True, description="For `classify` and `extract`: append the labels (with their descriptions) or the "

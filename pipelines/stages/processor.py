@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from pipelines.config.load import Job
 from pipelines.config.storage import StorageOptions
+from pipelines.io.fetch import FetchPolicy
 from pipelines.io.metrics import count_written
 from pipelines.io.response_cache import ResponseCache, generation_identity, identity_digest, store_batch
 from pipelines.io.storage import filesystem_for
@@ -79,6 +80,7 @@ def prompt_kwargs(job: Job, *, tokenizer_path: str, storage: StorageOptions) -> 
         "instructions": task_instructions(spec),
         "image_column": spec.prompt.image_column,
         "storage": storage,
+        "images": FetchPolicy.for_input(spec.prompt.images, spec.input.path) if spec.prompt.image_column else None,
     }
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipelines.config.job import template_fields
 from pipelines.config.storage import StorageOptions
-from pipelines.io.storage import read_bytes
+from pipelines.io.fetch import FetchPolicy, FetchRefused, fetch, shown
 from pipelines.schema import Reason
 
 
@@ -32,8 +32,8 @@ def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def load_image(value: Any, storage: StorageOptions) -> bytes:
-    """An image cell's bytes: the bytes themselves, or the object a path or URI names.
+def load_image(value: Any, storage: StorageOptions, policy: FetchPolicy) -> bytes:
+    """An image cell's bytes: the bytes themselves, or the object a path or URI names, inside `policy`'s fence.
 
     Raises ValueError saying why (the record's `image` error) when there is no usable image.
     """
@@ -43,13 +43,17 @@ def load_image(value: Any, storage: StorageOptions) -> bytes:
         raise ValueError("the image column is null or empty")
     where = "inline bytes"
     if isinstance(value, str):
-        where = value
+        where = shown(value)
         try:
-            value = read_bytes(value, storage)
+            value = fetch(value, storage, policy)
+        except FetchRefused as exc:
+            raise ValueError(f"{where}: refused: {exc}") from None
         except FileNotFoundError:
             raise ValueError(f"{where}: not found") from None
         except Exception as exc:  # noqa: BLE001 - any store error is the row's reason
             raise ValueError(f"{where}: cannot read: {exc}") from None
+    elif len(value) > policy.max_bytes:
+        raise ValueError(f"inline bytes: refused: larger than {policy.max_bytes} bytes (prompt.images.max_bytes)")
     try:
         Image.open(io.BytesIO(value)).verify()
     except Exception as exc:  # noqa: BLE001
@@ -107,6 +111,7 @@ def render_batch(
     instructions: str | None = None,
     image_column: str | None = None,
     storage: StorageOptions | None = None,
+    images: FetchPolicy | None = None,
     messages_column: str | None = None,
 ) -> pa.Table:
     """Add `prompt_token_ids`, `prompt_tokens`, `error_code` and `error` to a batch; one row out per row in.
@@ -122,6 +127,7 @@ def render_batch(
         image_column: The spec's `prompt.image_column`: its image is loaded,
             checked and carried to the engine in an `image` column.
         storage: Object-store access for image URIs.
+        images: Where image URIs may point and the size cap (`FetchPolicy.for_input`); required with `image_column`.
         messages_column: A column of ready chat messages (JSON) used instead of
             the templates, as OpenAI batch requests bring them.
 
@@ -130,6 +136,8 @@ def render_batch(
     """
     if messages_column is None and user is None:
         raise ValueError("render_batch needs the user template (prompt.user) or a messages column")
+    if image_column and images is None:
+        raise ValueError("render_batch needs the image fetch policy (images) with an image column")
     user_template = user or ""  # unused with a messages column
     tokenizer = load_tokenizer(tokenizer_path)
     if messages_column:
@@ -143,7 +151,7 @@ def render_batch(
 
     codes: list[str | None] = [None] * len(rows)
     errors: list[str | None] = [None] * len(rows)
-    images: list[bytes | None] = [None] * len(rows)
+    image_bytes: list[bytes | None] = [None] * len(rows)
     conversations, positions = [], []
     for i, row in enumerate(rows):
         if row.get("reject_code") is not None:
@@ -161,8 +169,9 @@ def render_batch(
             codes[i], errors[i] = Reason.EMPTY_INPUT, f"{', '.join(blank)} is null, empty or blank"
             continue
         if image_column:
+            assert images is not None  # checked above
             try:
-                images[i] = load_image(row[image_column], storage or StorageOptions())
+                image_bytes[i] = load_image(row[image_column], storage or StorageOptions(), images)
             except ValueError as exc:
                 codes[i], errors[i] = Reason.IMAGE, str(exc)
                 continue
@@ -186,7 +195,7 @@ def render_batch(
     out = out.append_column("prompt_token_ids", pa.array(token_ids, type=pa.list_(pa.int32())))
     out = out.append_column("prompt_tokens", pa.array([None if t is None else len(t) for t in token_ids], pa.int64()))
     if image_column:
-        out = out.append_column("image", pa.array(images, pa.binary()))
+        out = out.append_column("image", pa.array(image_bytes, pa.binary()))
     out = out.append_column("error_code", pa.array(codes, pa.string()))
     out = out.append_column("error", pa.array(errors, pa.string()))
     assert out.num_rows == batch.num_rows, "render_batch must map each row to exactly one row"

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from pipelines.config import load_job
+from pipelines.config.job import ImageFetchSpec
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import InputError
+from pipelines.io.fetch import FetchPolicy
 from pipelines.models.embedded import prepare
 from pipelines.stages.prompt import build_messages, load_tokenizer, render_batch
 from pipelines.stages.read import plan_input
@@ -36,9 +38,11 @@ def llama4_tokenizer_path() -> str:
     return str(prepare("tiny-llama4"))
 
 
-def render(table, tokenizer_path, storage=None):
+def render(table, tokenizer_path, storage=None, allow=("/", "s3://tokenmill-images/")):
+    policy = FetchPolicy.for_input(ImageFetchSpec(allow=list(allow)), "unused")
     return render_batch(table, tokenizer_path=tokenizer_path, system=None, user=USER, id_column="id",
-                        max_model_len=1048, max_tokens=48, image_column="image_ref", storage=storage or StorageOptions())
+                        max_model_len=1048, max_tokens=48, image_column="image_ref", storage=storage or StorageOptions(),
+                        images=policy)
 
 
 def test_user_message_is_an_image_part_then_the_text():
