@@ -325,11 +325,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.config import load_job
     from pipelines.run.submit import SubmitError, default_address, submit
 
-    job = load_job(args.job, overrides=args.overrides, partition=args.date)  # checks the spec before submitting
+    load_job(args.job, overrides=args.overrides, partition=args.date)  # checks the spec before submitting
     runtime_env = yaml.safe_load(args.runtime_env.read_text()) if args.runtime_env.is_file() else {}
     extra = [a for kv in args.overrides for a in ("--set", kv)]
     try:
-        done = submit(address=args.address or default_address(), job=job.spec.name, partition=args.date, args=extra,
+        done = submit(address=args.address or default_address(), spec_text=args.job.read_text(),
+                      partition=args.date, args=extra,
                       runtime_env=runtime_env, wait=not args.no_wait, timeout_s=args.timeout,
                       poll_s=args.poll)
     except SubmitError as exc:

@@ -13,6 +13,7 @@ rest of tokenmill.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -65,11 +66,46 @@ def _attempt_of(sid: str, base: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def entrypoint(job: str, partition: str, args: list[str]) -> str:
-    """`python -m jobs.<job> --date <partition> ...`; jobs without an entry module go through `pipelines.cli`."""
-    module = (["-m", f"jobs.{job}"] if (REPO / "jobs" / f"{job}.py").is_file()
-              else ["-m", "pipelines.cli", "run", f"conf/jobs/{job}.yaml"])
-    return shlex.join(["python", *module, "--date", partition, *args])
+#: The runtime_env variable that carries the checked job spec to the cluster (`jobs.shipped` reads it).
+SPEC_ENV = "TOKENMILL_JOB_SPEC"
+
+
+def spec_digest(spec_text: str) -> str:
+    return hashlib.sha256(spec_text.encode()).hexdigest()
+
+
+def entrypoint(spec_text: str, partition: str, args: list[str]) -> str:
+    """`python -m jobs.shipped --spec-sha256 <digest> --date <partition> ...`: the job runs the spec shipped with
+    it (`SPEC_ENV`), which it checks against the digest, never a spec looked up again by name on the cluster."""
+    return shlex.join(["python", "-m", "jobs.shipped", "--spec-sha256", spec_digest(spec_text),
+                       "--date", partition, *args])
+
+
+def check_spec(spec_text: str) -> dict[str, Any]:
+    """The spec as a mapping, refused when it holds a value under a credential's key: the spec travels in the
+    job's runtime_env, which Ray records and shows."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(spec_text)
+    except yaml.YAMLError as exc:
+        raise SubmitError(f"the job spec is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise SubmitError("the job spec must be a mapping with a `name`")
+
+    def keys(value: Any, prefix: str):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from keys(v, f"{prefix}{k}.")
+        elif value not in (None, ""):
+            yield prefix.rstrip(".")
+
+    found = sorted(k for k in keys(data, "") if secret_key(k))
+    if found:
+        raise SubmitError(f"job spec: {', '.join(found)}: a credential in the spec would travel with the job, "
+                          "which Ray shows; give credentials to the cluster's nodes instead (a Kubernetes secret "
+                          "as environment variables, an instance role)")
+    return data
 
 
 # Spec keys whose values are credentials, by their dotted and underscored parts.
@@ -103,13 +139,15 @@ def check_args(args: list[str]) -> list[str]:
     return args
 
 
-def connect(address: str):
-    """A Jobs API client for `address`; a cluster that does not answer, or refuses the token, is a one-line
-    `SubmitError` that names the address, not a traceback."""
+def connect(address: str, token: str | None = None):
+    """A Jobs API client for `address`, with `token` or else the token Ray would read here (`auth_headers`); a
+    cluster that does not answer, or refuses the token, is a one-line `SubmitError` that names the address, not a
+    traceback."""
     from ray.job_submission import JobSubmissionClient
 
+    headers = {"Authorization": f"Bearer {token}"} if token else auth_headers()
     try:
-        return JobSubmissionClient(address, headers=auth_headers())
+        return JobSubmissionClient(address, headers=headers)
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
         said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         refused = any(w in said.lower() for w in ("unauthorized", "401", "403", "token"))
@@ -129,24 +167,43 @@ def check_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
     return runtime_env
 
 
-def submit(*, address: str, job: str, partition: str, args: list[str] | None = None,
+def submit(*, address: str, spec_text: str, partition: str, args: list[str] | None = None,
            runtime_env: dict[str, Any] | None = None, wait: bool = True, poll_s: float = 5.0,
-           timeout_s: float | None = None, echo: Callable[[str], None] = print) -> Submission:
-    """Submit `job` for `partition` unless this night already has a submission; wait for the end if asked.
+           timeout_s: float | None = None, echo: Callable[[str], None] = print,
+           token: str | None = None) -> Submission:
+    """Submit the job `spec_text` describes for `partition` unless this night already has a submission; wait for
+    the end if asked.
 
     Args:
         address: The cluster's Jobs API, e.g. `http://ray-head:8265`.
-        job: The job's name (`conf/jobs/<job>.yaml`).
+        spec_text: The job spec (YAML) as checked here; it travels with the job and is what runs.
         partition: The night, `YYYY-MM-DD`: passed as `--date`, and part of the submission id.
         args: More arguments for the entry point (`--set key=value`, ...).
         runtime_env: Ray's runtime_env (working_dir, excludes, non-secret env_vars).
         wait: Follow the job's logs (through `echo`) until it ends.
+        token: The cluster's Ray token (an Airflow Connection's password); default the one Ray reads here.
     """
     # Everything that can be refused is, before the cluster is contacted.
     check_partition(partition)
     check_args(list(args or []))
+    job = check_spec(spec_text)["name"]
     env = check_runtime_env(dict(runtime_env or {}))
-    client = connect(address)
+    env["env_vars"] = {**(env.get("env_vars") or {}), SPEC_ENV: spec_text}
+    client = connect(address, token)
+    sid, submitted = find_or_submit(client, job=job, partition=partition, spec_text=spec_text, args=args, env=env,
+                                    echo=echo)
+    if not submitted and _status(client.get_job_status(sid)) == "SUCCEEDED":
+        return Submission(sid, "SUCCEEDED", submitted)
+    if not wait:
+        return Submission(sid, _status(client.get_job_status(sid)), submitted)
+    status = follow(client, sid, poll_s=poll_s, timeout_s=timeout_s, echo=echo)
+    echo(f"tokenmill submit: {sid} ended {status}")
+    return Submission(sid, status, submitted)
+
+
+def find_or_submit(client, *, job: str, partition: str, spec_text: str, args: list[str] | None,
+                   env: dict[str, Any], echo: Callable[[str], None]) -> tuple[str, bool]:
+    """This night's live or succeeded submission, or a new attempt after a failed one: (its id, whether it is new)."""
     base = submission_id(job, partition)
     attempts = sorted((a, j.submission_id, _status(j.status)) for j in client.list_jobs() if j.submission_id
                       and (a := _attempt_of(j.submission_id, base)) is not None)
@@ -155,21 +212,14 @@ def submit(*, address: str, job: str, partition: str, args: list[str] | None = N
         _, sid, status = latest
         echo(f"tokenmill submit: {sid} is {status}: "
              + ("this night already ran; nothing submitted" if status == "SUCCEEDED" else "following it"))
-        submitted = False
-        if status == "SUCCEEDED":
-            return Submission(sid, status, submitted)
-    else:
-        attempt = attempts[-1][0] + 1 if attempts else 1
-        sid = submission_id(job, partition, attempt)
-        _submit_job(client, entrypoint=entrypoint(job, partition, list(args or [])), submission_id=sid,
-                    runtime_env=env or None, metadata={"tokenmill_job": job, "partition": partition})
-        echo(f"tokenmill submit: submitted {sid}" + (f" (attempt {attempt})" if attempt > 1 else ""))
-        submitted = True
-    if not wait:
-        return Submission(sid, _status(client.get_job_status(sid)), submitted)
-    status = follow(client, sid, poll_s=poll_s, timeout_s=timeout_s, echo=echo)
-    echo(f"tokenmill submit: {sid} ended {status}")
-    return Submission(sid, status, submitted)
+        return sid, False
+    attempt = attempts[-1][0] + 1 if attempts else 1
+    sid = submission_id(job, partition, attempt)
+    _submit_job(client, entrypoint=entrypoint(spec_text, partition, list(args or [])), submission_id=sid,
+                runtime_env=env, metadata={"tokenmill_job": job, "partition": partition,
+                                           "spec_sha256": spec_digest(spec_text)})
+    echo(f"tokenmill submit: submitted {sid}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+    return sid, True
 
 
 def _submit_job(client, *, patience_s: float = 120.0, **kwargs) -> None:

@@ -13,13 +13,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import jobs_api
+from conftest import S3_SECRET, jobs_api
+
+from pipelines.run.submit import auth_headers
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VENV = REPO / ".venv-airflow"
 DAGS = REPO / "infra/airflow/dags"
+PLUGINS = REPO / "infra/airflow/plugins"
 BUCKET = "tokenmill-airflow"
 NIGHT = "2026-11-26"
+CANARY = "tm-canary-airflow-5d41402abc"
 
 INSPECT = r"""
 import datetime as dt, json, sys
@@ -30,12 +34,12 @@ for dag_id, dag in bag.dags.items():
     task = dag.get_task("submit")
     run_after = dt.datetime(2026, 11, 27, 2, 0, tzinfo=dt.timezone.utc)
     interval = dag.timetable.infer_manual_data_interval(run_after=run_after)
-    template = task.op_kwargs["partition"]
+    template = task.partition
     rendered = task.render_template(template, {"data_interval_start": interval.start, "ds": "wrong"},
                                     jinja_env=dag.get_template_env())
     out["dags"][dag_id] = {"timetable": type(dag.timetable).__name__, "cron": getattr(dag.timetable, "_expression", None),
                           "summary": dag.timetable.summary, "catchup": dag.catchup, "retries": task.retries,
-                          "job": task.op_kwargs["job"], "template": template, "rendered": rendered,
+                          "job": task.job, "template": template, "rendered": rendered,
                           "interval": [interval.start.isoformat(), interval.end.isoformat()]}
 print("TOKENMILL_DAGS " + json.dumps(out))
 """
@@ -43,7 +47,8 @@ print("TOKENMILL_DAGS " + json.dumps(out))
 
 def airflow_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAY_ADDRESS"))}
-    env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(DAGS), AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+               AIRFLOW__CORE__PLUGINS_FOLDER=str(PLUGINS), AIRFLOW__CORE__LOAD_EXAMPLES="False",
                AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
                PATH=f"{AIRFLOW_VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
     return env
@@ -82,12 +87,11 @@ def test_dags_load_with_the_nightly_schedule_and_partition(airflow_home):
 
 
 POLL = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("nightly", sys.argv[1])
-dags = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dags)
+import sys
+sys.path.insert(0, sys.argv[1])
+import tokenmill_ray
 try:
-    print("POLL", dags._poll_s())
+    print("POLL", tokenmill_ray.poll_seconds())
 except ValueError as exc:
     print("REFUSED", exc)
 """
@@ -99,7 +103,7 @@ except ValueError as exc:
     ("0", "REFUSED Airflow Variable tokenmill_poll_s: '0' is not a number of seconds above zero"),
 ])
 def test_the_poll_interval_variable_is_seconds_above_zero_or_refused_by_name(airflow_home, value, expected):
-    done = subprocess.run([str(AIRFLOW_VENV / "bin/python"), "-c", POLL, str(DAGS / "tokenmill_nightly.py")],
+    done = subprocess.run([str(AIRFLOW_VENV / "bin/python"), "-c", POLL, str(PLUGINS)],
                           env=airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_POLL_S=value), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -118,19 +122,35 @@ def test_submit_task_runs_a_night_on_the_cluster_and_a_retry_finds_it(airflow_ho
     # tests/run/test_cluster.py.
     overrides = {"ticket_triage": [f"input.path=s3://{BUCKET}/tickets/{{date}}/", f"output.path=s3://{BUCKET}/out/",
                                   "sampling.max_tokens=8", "engine=stand-in"]}
-    env = airflow_env(airflow_home, AIRFLOW_VAR_TOKENMILL_RAY_ADDRESS=ray_nodes.address,
+    # The cluster and its Ray token come from an Airflow Connection; no token file or variable is left to find.
+    token = auth_headers()["Authorization"].removeprefix("Bearer ")
+    host, port = ray_nodes.address.removeprefix("http://").split(":")
+    connection = json.dumps({"conn_type": "http", "host": host, "port": int(port), "password": token})
+    env = airflow_env(airflow_home, AIRFLOW_CONN_TOKENMILL_RAY=connection, RAY_AUTH_TOKEN_PATH=str(airflow_home / "none"),
                       AIRFLOW_VAR_TOKENMILL_OVERRIDES=json.dumps(overrides), AIRFLOW_VAR_TOKENMILL_POLL_S="1")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the cluster holds them; Airflow needs none
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"):  # the cluster holds them
         env.pop(key, None)
     # A run at 02:00 the morning after NIGHT: its data interval is NIGHT 02:00 to 02:00, its partition NIGHT.
     task = [str(AIRFLOW_VENV / "bin/airflow"), "tasks", "test", "tokenmill_nightly_ticket_triage", "submit",
             "2026-11-27T02:00:00+00:00"]
+
+    # A credential among the overrides is refused before the cluster is contacted, without repeating it.
+    canary = {"ticket_triage": [*overrides["ticket_triage"], f"storage.secret_access_key={CANARY}"]}
+    refused = subprocess.run(task, env={**env, "AIRFLOW_VAR_TOKENMILL_OVERRIDES": json.dumps(canary)},
+                             capture_output=True, text=True, timeout=300)
+    log = refused.stdout + refused.stderr
+    assert "new_state=failed" in log and "--set storage.secret_access_key: looks like a credential" in log, log[-5000:]
+    assert CANARY not in log.replace(json.dumps(canary), "")  # (Airflow's own echo of the variable aside)
+
     first = subprocess.run(task, env=env, capture_output=True, text=True, timeout=900)
     log = first.stdout + first.stderr
     (airflow_home / "first-task.log").write_text(log)
     # `airflow tasks test` exits 0 even when the task fails: the task's own end state says.
     assert first.returncode == 0 and "new_state=success" in log, log[-5000:]
     assert f"submitted tokenmill-ticket_triage-{NIGHT}" in log and "SUCCEEDED" in log
+    # It waited in the triggerer (inline under `tasks test`), holding no worker slot, and the token stayed out.
+    assert "no worker slot held" in log and "running trigger in line" in log, log[-5000:]
+    assert token not in log
 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="out/").get("Contents", [])]
     (success,) = [k for k in keys if k.endswith("_SUCCESS")]
@@ -147,3 +167,73 @@ def test_submit_task_runs_a_night_on_the_cluster_and_a_retry_finds_it(airflow_ho
     ours = [j.submission_id for j in jobs_api(ray_nodes.address).list_jobs()
             if j.submission_id and j.submission_id.startswith(f"tokenmill-ticket_triage-{NIGHT}")]
     assert ours == [f"tokenmill-ticket_triage-{NIGHT}"]
+    # What the Jobs API keeps of every job (entrypoint, metadata, runtime_env) holds neither secret.
+    records = json.dumps([j.model_dump(mode="json") if hasattr(j, "model_dump") else j.__dict__
+                          for j in jobs_api(ray_nodes.address).list_jobs()], default=str)
+    assert CANARY not in records and token not in records and S3_SECRET not in records
+
+
+STOPS = r"""
+import asyncio, json, sys, time
+sys.path.insert(0, sys.argv[1])
+import tokenmill_ray
+from pipelines.run.submit import connect
+
+client = connect(*tokenmill_ray.cluster("tokenmill_ray"))
+
+def status(sid):
+    s = client.get_job_status(sid)
+    return str(getattr(s, "value", s))
+
+def long_job(sid):
+    client.submit_job(entrypoint="sleep 600", submission_id=sid)
+    while status(sid) != "RUNNING":
+        time.sleep(0.5)
+
+async def first_event(trigger):
+    async for event in trigger.run():
+        return event.payload
+
+def status_after_stop(sid, limit=60):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if (now := status(sid)) in ("STOPPED", "FAILED", "SUCCEEDED"):
+            return now
+        time.sleep(0.5)
+    return "still " + now
+
+out = {}
+long_job("tm-deadline")
+trigger = tokenmill_ray.RayJobTrigger(conn_id="tokenmill_ray", submission_id="tm-deadline", repo=sys.argv[2],
+                                      poll_s=0.5, deadline=time.time() + 3)
+out["deadline_event"] = asyncio.run(first_event(trigger))["status"]
+out["deadline_job"] = status_after_stop("tm-deadline")
+long_job("tm-killed")
+trigger = tokenmill_ray.RayJobTrigger(conn_id="tokenmill_ray", submission_id="tm-killed", repo=sys.argv[2],
+                                      poll_s=0.5, deadline=None)
+asyncio.run(trigger.on_kill())
+out["killed_job"] = status_after_stop("tm-killed")
+long_job("tm-operator")
+op = tokenmill_ray.TokenmillNightOperator(task_id="t", job="ticket_triage", partition="2026-11-25", repo=sys.argv[2])
+op.submission_id = "tm-operator"
+op.on_kill()
+out["operator_job"] = status_after_stop("tm-operator")
+print("STOPS " + json.dumps(out))
+"""
+
+
+@pytest.mark.cluster
+def test_a_killed_or_timed_out_task_stops_its_ray_job(airflow_home, ray_nodes):
+    """The trigger's deadline (the task's execution_timeout) and a user's kill, in the triggerer or on the worker,
+    each stop the Ray job, on the real Jobs API, through the Connection."""
+    token = auth_headers()["Authorization"].removeprefix("Bearer ")
+    host, port = ray_nodes.address.removeprefix("http://").split(":")
+    connection = json.dumps({"conn_type": "http", "host": host, "port": int(port), "password": token})
+    env = airflow_env(airflow_home, AIRFLOW_CONN_TOKENMILL_RAY=connection, RAY_AUTH_TOKEN_PATH=str(airflow_home / "none"))
+    env.pop("RAY_AUTH_TOKEN", None)
+    done = subprocess.run([str(AIRFLOW_VENV / "bin/python"), "-c", STOPS, str(PLUGINS), str(REPO)], env=env,
+                          capture_output=True, text=True, timeout=400)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("STOPS ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    assert json.loads(lines[-1].removeprefix("STOPS ")) == {
+        "deadline_event": "TIMED_OUT", "deadline_job": "STOPPED", "killed_job": "STOPPED", "operator_job": "STOPPED"}

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 
 from pipelines.run.submit import (
+    SPEC_ENV,
     SubmitError,
     _attempt_of,
     auth_headers,
     check_partition,
     check_runtime_env,
+    check_spec,
     entrypoint,
     submission_id,
 )
+
+REPO = Path(__file__).resolve().parents[2]
+CANARY = "tm-canary-spec-8c1e"
 
 
 def test_submission_ids_are_derived_from_job_and_night():
@@ -26,12 +36,48 @@ def test_submission_ids_are_derived_from_job_and_night():
         check_partition("yesterday")
 
 
-def test_entrypoint_is_the_job_module_with_the_night():
-    assert entrypoint("ticket_triage", "2026-11-27", ["--set", "input.path=s3://b/{date}/"]) == \
-        "python -m jobs.ticket_triage --date 2026-11-27 --set 'input.path=s3://b/{date}/'"
-    # A spec without its own entry module goes through the CLI.
-    assert entrypoint("my_job", "2026-11-27", []) == \
-        "python -m pipelines.cli run conf/jobs/my_job.yaml --date 2026-11-27"
+def test_entrypoint_runs_the_shipped_spec_named_by_its_digest():
+    text = (REPO / "conf/jobs/ticket_triage.yaml").read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert entrypoint(text, "2026-11-27", ["--set", "input.path=s3://b/{date}/"]) == \
+        f"python -m jobs.shipped --spec-sha256 {digest} --date 2026-11-27 --set 'input.path=s3://b/{{date}}/'"
+
+
+def test_a_spec_holding_a_credential_is_refused_before_contacting_the_cluster(tmp_path, capsys):
+    from conftest import _free_port
+
+    from pipelines.cli import main
+
+    spec = yaml.safe_load((REPO / "conf/jobs/ticket_triage.yaml").read_text())
+    spec["storage"] = {"secret_access_key": CANARY}
+    (tmp_path / "ticket_triage.yaml").write_text(yaml.safe_dump(spec))
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    code = main(["submit", str(tmp_path / "ticket_triage.yaml"), "--date", "2026-11-27", "--address", nobody])
+    printed = capsys.readouterr()
+    assert code == 2 and "job spec: storage.secret_access_key: a credential in the spec" in printed.err, printed.err
+    assert CANARY not in printed.err + printed.out
+    assert check_spec(yaml.safe_dump({"name": "x", "storage": {"secret_access_key": None}}))["name"] == "x"
+
+
+def test_the_shipped_spec_runs_not_the_one_of_the_same_name(ray_cluster, tmp_path, monkeypatch, capsys):
+    """`jobs.shipped` runs the spec that came with the job (here: other max_tokens and output than
+    conf/jobs/ticket_triage.yaml), and refuses one whose digest is not the entrypoint's."""
+    from jobs.shipped import main
+
+    spec = yaml.safe_load((REPO / "conf/jobs/ticket_triage.yaml").read_text())
+    spec["input"]["path"] = str(REPO / "data/samples/tickets")
+    spec["output"]["path"] = str(tmp_path / "out")
+    spec["sampling"]["max_tokens"] = 3
+    text = yaml.safe_dump(spec)
+    monkeypatch.setenv(SPEC_ENV, text)
+    assert main(["--spec-sha256", "0" * 64, "--date", "2026-11-27"]) == 2
+    assert "is not the one submitted" in capsys.readouterr().err
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert main(["--spec-sha256", digest, "--date", "2026-11-27", "--set", "engine=stand-in", "--no-progress"]) == 0
+    [done] = list((tmp_path / "out").glob("*/summary.json"))
+    summary = json.loads(done.read_text())
+    assert summary["records_in"] == summary["records_out"] + summary["records_rejected"] > 0
+    assert json.loads((done.parent / "_run.json").read_text())["snapshot"]["spec"]["sampling"]["max_tokens"] == 3
 
 
 def test_credentials_are_refused_in_runtime_env():
