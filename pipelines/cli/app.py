@@ -357,11 +357,27 @@ COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "
             "submit": _cmd_submit}
 
 
+def refuse_secret_sets(args: argparse.Namespace) -> None:
+    """Refuse a credential given with `--set` or `--engine-set`: a driver's command line is kept by the Ray cluster
+    it joins (the Jobs API lists it), by `ps` and by shell history. The value is never repeated."""
+    from pipelines.run.submit import secret_key
+
+    for flag, items in (("--set", getattr(args, "overrides", [])), ("--engine-set", getattr(args, "engine_overrides", []))):
+        for item in items or []:
+            key = item.partition("=")[0].strip()
+            if secret_key(key):
+                raise ConfigError(f"{flag} {key}: looks like a credential, and a command line is kept by the Ray "
+                                  "cluster it joins (the Jobs API lists it), by ps and by shell history; give it "
+                                  "through the environment (AWS_* variables) or the spec's storage block")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command != "submit":  # submit refuses them itself, saying where a job's arguments are shown
+            refuse_secret_sets(args)
         return COMMANDS[args.command](args)
     except TokenmillError as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)

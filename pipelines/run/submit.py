@@ -35,6 +35,10 @@ class SubmitError(Exception):
     """A submission that cannot be made; the message says why."""
 
 
+class ClusterUnreachable(SubmitError):
+    """The cluster does not answer or refuses the token: unlike a refusal, worth trying again later."""
+
+
 @dataclass
 class Submission:
     submission_id: str
@@ -154,7 +158,7 @@ def connect(address: str, token: str | None = None):
         what = ("refused this machine's Ray token: set RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's"
                 if refused else "does not answer: check --address (or RAY_ADDRESS) and that the head's dashboard "
                 "port is reachable from here")
-        raise SubmitError(f"the Ray cluster at {address} {what} ({type(exc).__name__}: {said})") from None
+        raise ClusterUnreachable(f"the Ray cluster at {address} {what} ({type(exc).__name__}: {said})") from None
 
 
 def check_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:

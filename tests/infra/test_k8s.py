@@ -176,3 +176,24 @@ def test_only_the_scheduler_and_the_clusters_own_pods_reach_the_head():
     jobs_api = [rule for rule in rules if {p["port"] for p in rule.get("ports", [])} == {8265, 10001}]
     assert [r["from"] for r in jobs_api] == [[{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": "airflow"}}}]]
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if manifest(p)["kind"] == "RayCluster"], ids=lambda p: p.name)
+def test_pods_read_storage_with_workload_identity_and_the_secret_only_if_present(path):
+    spec = manifest(path)["spec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    assert [p["serviceAccountName"] for p in pods] == ["tokenmill-ray"] * len(pods)
+    refs = [ref["secretRef"] for p in pods for c in p["containers"] for ref in c.get("envFrom", [])]
+    assert refs and all(r == {"name": "tokenmill-object-store", "optional": True} for r in refs)
+
+
+def test_the_service_account_is_bound_to_a_cloud_role_and_lets_the_autoscaler_scale():
+    account, role, binding = yaml.safe_load_all((K8S / "identity/serviceaccount.yaml").read_text())
+    assert account["kind"] == "ServiceAccount" and account["metadata"]["name"] == "tokenmill-ray"
+    assert set(account["metadata"]["annotations"]) == {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"}
+    # KubeRay makes no autoscaler account once the head names one: this Role is the autoscaler's, and no more.
+    assert {(g, r, tuple(rule["verbs"])) for rule in role["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"]} == {("", "pods", ("get", "list", "watch", "patch")),
+                                            ("ray.io", "rayclusters", ("get", "list", "watch", "patch"))}
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tokenmill-ray"}]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook, BaseOperator, Variable
+from airflow.sdk.exceptions import AirflowFailException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 DONE = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -112,14 +113,20 @@ class TokenmillNightOperator(BaseOperator):
 
     def execute(self, context):
         _repo_on_path(self.repo)
-        from pipelines.run.submit import submit
+        from pipelines.run.submit import ClusterUnreachable, SubmitError, submit
 
         poll_s, overrides = poll_seconds(), overrides_for(self.job)  # read when the task runs, not at parse time
         address, token = cluster(self.conn_id)
         spec = Path(self.repo, "conf/jobs", f"{self.job}.yaml").read_text()
-        done = submit(address=address, token=token, spec_text=spec, partition=self.partition,
-                      args=[a for kv in overrides for a in ("--set", kv)], runtime_env=self.runtime_env,
-                      wait=False, echo=self.log.info)
+        try:
+            done = submit(address=address, token=token, spec_text=spec, partition=self.partition,
+                          args=[a for kv in overrides for a in ("--set", kv)], runtime_env=self.runtime_env,
+                          wait=False, echo=self.log.info)
+        except ClusterUnreachable as exc:
+            raise RuntimeError(str(exc)) from None  # retried: the cluster may answer later
+        except SubmitError as exc:
+            # A refusal (a credential in the overrides, a bad night): no retry, which would only be refused again.
+            raise AirflowFailException(str(exc)) from None
         self.submission_id = done.submission_id
         if done.status == "SUCCEEDED":
             return done.submission_id
