@@ -61,12 +61,15 @@ def vllm_engine_args(profile: EngineProfile, source: str):
     return EngineArgs.from_cli_args(parser.parse_args(argv))
 
 
-def actor_env(profile: EngineProfile) -> dict[str, str]:
+def actor_env(profile: EngineProfile, *, with_profile_env: bool = True) -> dict[str, str]:
     """Environment variables the engine actors start with.
 
     On CPU: a KV-cache size vLLM accepts on small machines, the Intel OpenMP
     runtime preloaded (with it the engine uses every core; without, one idles),
-    and vLLM's compile cache inside tokenmill's cache folder.
+    and vLLM's compile cache inside tokenmill's cache folder. Then the profile's
+    `env`, unless `with_profile_env` is false: Ray writes an actor's runtime_env,
+    values included, to each node's runtime_env_agent.log, so the pipeline's
+    replicas get the profile's `env` in the process instead (`apply_profile_env`).
     """
     env = {"VLLM_CACHE_ROOT": str(tokenmill_home() / "vllm"), "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if profile.engine_process == "actor" else "1"}
@@ -75,8 +78,15 @@ def actor_env(profile: EngineProfile) -> dict[str, str]:
         iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
         if iomp.is_file():
             env["LD_PRELOAD"] = str(iomp)
-    env.update(profile.env)
+    if with_profile_env:
+        env.update(profile.env)
     return env
+
+
+def apply_profile_env(profile: EngineProfile) -> None:
+    """The profile's `env` in this process, before vLLM is imported (it reads some variables at import) and
+    before the engine's own processes inherit it."""
+    os.environ.update(profile.env)
 
 
 def bind_cpu_threads(env) -> None:

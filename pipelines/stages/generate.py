@@ -26,6 +26,7 @@ from pipelines.schema import Reason
 from pipelines.stages.engine import (
     EngineClient,
     EngineFactory,
+    apply_profile_env,
     engine_dtype,
     lora_request_for,
     peak_memory_mb,
@@ -73,6 +74,7 @@ class GenerateStage:
         """`engine` makes the replica's engine client (`pipelines.stages.engine.EngineClient`, or a stand-in
         with the same methods); the other arguments are the job's, as `pipelines.stages.processor` passes them."""
         self.profile = EngineProfile.model_validate(profile)
+        apply_profile_env(self.profile)
         self.dtype = engine_dtype(self.profile)
         # The response cache (`pipelines.io.response_cache`): its folder, and the digest of what decides an answer. Where
         # this node chose the dtype (`auto` on CPU), the choice is part of it: answers differ between dtypes.

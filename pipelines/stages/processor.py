@@ -153,7 +153,8 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         num_cpus=engine.resources.num_cpus,
         num_gpus=engine.resources.num_gpus or None,
         accelerator_type=engine.resources.accelerator_type,
-        runtime_env={"env_vars": actor_env(engine)},
+        # Without the profile's env, whose values may be secrets: the replica sets it itself (GenerateStage).
+        runtime_env={"env_vars": actor_env(engine, with_profile_env=False)},
         # A replica that dies is restarted, on another node if its own is gone, and its batches are retried
         # until a replica answers: while the cluster has not yet noticed a lost node (tens of seconds), every
         # call to its replica fails at once, and a few retries would be spent before the restart, failing the

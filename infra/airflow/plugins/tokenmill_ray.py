@@ -139,6 +139,7 @@ class TokenmillNightOperator(BaseOperator):
 
     def execute_complete(self, context, event: dict[str, Any]):
         self.log.info("%s", event["logs"])
+        self.log.info("tokenmill submit: %s ended %s", event["submission_id"], event["status"])
         if event["status"] != "SUCCEEDED":
             raise RuntimeError(f"{event['submission_id']} ended {event['status']}; see its logs above")
         return event["submission_id"]
