@@ -45,3 +45,9 @@ class RunBusy(TokenmillError):
     """Another attempt holds the run's lease, or took it from this one: one attempt at a time commits to a run."""
 
     exit_code = 7
+
+
+class GateFailed(TokenmillError):
+    """A drift gate was breached: the run is committed and kept, and `_SUCCESS` records `gate_failed`."""
+
+    exit_code = 8

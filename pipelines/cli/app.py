@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pipelines.errors import ConfigError, TokenmillError
+from pipelines.errors import ConfigError, GateFailed, TokenmillError
 
 if TYPE_CHECKING:  # the commands import the runtime when they run, so that `tokenmill --help` stays quick
     from pipelines.run.summary import RunSummary
@@ -190,6 +190,16 @@ def format_summary(summary: RunSummary) -> str:
     if s["output"]["output_file"] is not None:
         rows.append(("OpenAI batch files", f"{s['output']['output_lines']:,} in {s['output']['output_file']}, "
                                            f"{s['output']['error_lines']:,} in {s['output']['error_file']}"))
+    drift = summary.drift
+    if drift is not None:
+        if drift.previous_run is None:
+            rows.append(("drift", "not compared: no earlier successful run of this job under this output path"))
+        else:
+            rows.append(("drift", f"{drift.status} against {drift.previous_run}"
+                         + ("" if drift.gated else " (too few records to gate)")))
+            for c in drift.breaches:
+                rows.append((f"  {c.metric}", f"{num(c.previous, '.4g')} -> {num(c.current, '.4g')}, change "
+                                             f"{num(c.change, '.4g')} past the gate's {c.limit:g} ({c.watch})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
@@ -206,6 +216,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_json(), indent=2))
     else:
         print("\ntokenmill run summary\n" + format_summary(summary))
+    if summary.drift is not None and summary.drift.status == "gate_failed":
+        raise GateFailed(f"run {summary.run_id}: drift gate(s) breached against {summary.drift.previous_run}: "
+                         + ", ".join(c.metric for c in summary.drift.breaches)
+                         + "; the results are committed and kept, and _SUCCESS says gate_failed")
     return 0 if summary.records_out + summary.records_rejected == summary.records_in else 1
 
 

@@ -304,6 +304,37 @@ class LeaseSpec(BaseModel):
     )
 
 
+class GatesSpec(BaseModel):
+    """Drift gates: how far a run may move from the previous successful run of the job under the same output
+    path before it ends with exit code 8 (its results committed and kept, `_SUCCESS` saying `gate_failed`).
+
+    Every comparison is made and reported whether or not it is gated; a limit left out gates nothing.
+    Rates are shares of records (0 to 1); changes in `*_change_max` are relative (0.25: 25% either way).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    label_psi_max: float | None = Field(
+        None, ge=0, description="Most population stability index between the two runs' label distributions "
+        "(`classify`); 0.1 is a small shift, 0.25 a large one.")
+    fill_rate_drop_max: float | None = Field(
+        None, ge=0, le=1, description="Most drop of any field's fill rate (records whose field is not null).")
+    exact_match_drop_max: float | None = Field(
+        None, ge=0, le=1, description="Most drop of any field's exact-match rate, or of the accuracy, against "
+        "the truth columns, where the job has them.")
+    parse_error_rate_rise_max: float | None = Field(
+        None, ge=0, le=1, description="Most rise of the share of records whose answer failed to parse.")
+    reject_rate_rise_max: float | None = Field(
+        None, ge=0, le=1, description="Most rise of the share of records rejected before the engine.")
+    tokens_per_record_change_max: float | None = Field(
+        None, ge=0, description="Most relative change of the mean tokens (prompt and output) per record.")
+    cost_per_1k_change_max: float | None = Field(
+        None, ge=0, description="Most relative change of the cost per 1,000 records.")
+    min_records: int = Field(
+        20, ge=1, description="Gate only when both runs have at least this many records: small nights drift by "
+        "chance. The comparison is reported either way.")
+
+
 class JobSpec(BaseModel):
     """A whole job: `conf/jobs/<name>.yaml`."""
 
@@ -328,6 +359,8 @@ class JobSpec(BaseModel):
     cost: CostSpec = Field(default_factory=CostSpec)
     cache: CacheSpec | None = Field(
         None, description="Reuse answers of earlier runs (and of repeats within a run); none means no cache.")
+    gates: GatesSpec = Field(
+        default_factory=GatesSpec, description="Drift gates against the previous successful run (none by default).")
     batch_size: int | None = Field(
         None, ge=1,
         description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "

@@ -39,7 +39,7 @@ MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 
 # The layout's version, in every `_run.json` and manifest: a reader refuses a newer one rather than misread it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `_SUCCESS` names its job and its drift gates' outcome
 
 
 class RunRecord(BaseModel):
@@ -96,6 +96,9 @@ class Success(BaseModel):
     wall_s: float
     resumed: bool
     shards_redone: int
+    job: str | None = None  # None in runs written before version 2
+    # The drift gates' outcome (`pipelines.run.drift`): a `gate_failed` run is committed but not a baseline.
+    gates: Literal["passed", "gate_failed", "not_compared"] | None = None
 
 
 M = TypeVar("M", bound=BaseModel)

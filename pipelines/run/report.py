@@ -59,8 +59,9 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> RunSumma
                         attempt=earlier.attempt if earlier else None)
     if attempts is not None:
         summary.finished_at = attempts.finished_at
-    if earlier is not None:  # what only the summary kept: the adapter, and the OpenAI batch files
+    if earlier is not None:  # what only the summary kept: the adapter, the OpenAI batch files, the drift
         summary.lora = earlier.lora
+        summary.drift = earlier.drift
         summary.output = summary.output.model_copy(update=earlier.output.model_dump(
             include={"output_file", "output_lines", "error_file", "error_lines"}))
     write_report(fs, root, summary, storage.resolved())
@@ -245,6 +246,19 @@ def render_html(summary: RunSummary, results: pl.LazyFrame | None) -> str:
         sections.append("<h2>By input shard</h2>" + _grid(["shard", "records", "failed", "prompt tokens", "cost"], [
             [e(k), _num(v["records"]), _num(v["failed"]), _num(v["prompt_tokens"]), _usd(v["cost_usd"])]
             for k, v in s["by_shard"].items()]))
+    drift = summary.drift
+    if drift is not None and drift.previous_run is not None:
+        verdict = {"passed": "passed", "gate_failed": "<b>gate failed</b>", "not_compared": "not compared"}
+        sections.append(
+            f"<h2>Against the previous night</h2><p>{verdict[drift.status]} against {e(drift.previous_run)}"
+            + ("" if drift.gated else " (too few records to gate)") + "</p>"
+            + _grid(["figure", "previous", "this run", "change", "gate", ""], [
+                [e(c.metric), _num(c.previous), _num(c.current), _num(c.change),
+                 "–" if c.limit is None else f"{e(c.watch)} ≤ {_num(c.limit)}", "breached" if c.breached else ""]
+                for c in drift.comparisons]))
+    elif drift is not None:
+        sections.append("<h2>Against the previous night</h2><p>Not compared: no earlier successful run of this job "
+                        "under this output path.</p>")
     figures = "".join(
         f'<figure><img alt="{e(t)}" src="{uri}" onload="this.dataset.rendered=this.naturalWidth>0">'
         f"<figcaption>{e(t)}</figcaption></figure>" for t, uri in plots(summary, results))

@@ -36,6 +36,7 @@ from pipelines.run.commit import (
     write_success,
 )
 from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
+from pipelines.run.drift import compare, previous_run
 from pipelines.run.lease import Lease
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
@@ -69,7 +70,7 @@ def spec_fingerprint(job: Job) -> str:
     """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
     spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
                                                         "failures": True, "storage": True, "description": True,
-                                                        "lease": True})
+                                                        "lease": True, "gates": True})
     # The stand-in's pace and the process the engine core runs in change how long it takes, not what it answers.
     engine = job.engine.model_dump(mode="json", exclude={"description", "stand_in_s_per_request", "engine_process"})
     payload = {"spec": spec, "engine": engine}
@@ -155,14 +156,14 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         finished = read_summary(out_fs, run_root) if out_fs.exists(join(run_root, SUCCESS)) else None
         if finished is not None:  # the attempt this one waited for finished the run
             return finished.model_copy(update={"resumed": True, "shards_redone": 0})
-        return _run_attempt(job, run_id=run_id, run_root=run_root, out_fs=out_fs, storage=storage,
-                            adapter=adapter, checked=checked, lease=lease, progress=progress)
+        return _run_attempt(job, run_id=run_id, out_root=out_root, run_root=run_root, out_fs=out_fs,
+                            storage=storage, adapter=adapter, checked=checked, lease=lease, progress=progress)
     finally:
         lease.release()
 
 
-def _run_attempt(job: Job, *, run_id: str, run_root: str, out_fs, storage: StorageOptions, adapter: Adapter | None,
-                 checked: InputPlan | list[str], lease: Lease, progress: bool) -> RunSummary:
+def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs, storage: StorageOptions,
+                 adapter: Adapter | None, checked: InputPlan | list[str], lease: Lease, progress: bool) -> RunSummary:
     """The run, by the attempt that holds its lease: clean up, generate what is left, commit, summarise."""
     spec = job.spec
     attempt = lease.attempt
@@ -253,10 +254,15 @@ def _run_attempt(job: Job, *, run_id: str, run_root: str, out_fs, storage: Stora
         summary.output = summary.output.model_copy(update=dict(
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
+    # Against the previous successful night of this job under this output path; a breached gate still commits.
+    found = previous_run(out_fs, out_root, job=spec.name, run_id=run_id, before=summary.started_at)
+    summary.drift = compare(summary, found[1] if found else None, spec.gates,
+                            previous_run=found[0] if found else None)
     write_report(out_fs, run_root, summary, storage)
     lease.check("write _SUCCESS")
     write_success(out_fs, run_root, Success(
-        run_id=run_id, results=summary.output.results, rejects=summary.output.rejects,
+        run_id=run_id, results=summary.output.results, rejects=summary.output.rejects, job=spec.name,
+        gates=summary.drift.status,
         **summary.model_dump(include={"records_in", "records_out", "records_rejected", "prompt_tokens",
                                       "completion_tokens", "cost_usd", "started_at", "finished_at", "wall_s",
                                       "resumed", "shards_redone"})))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict
@@ -21,13 +21,14 @@ from pipelines.config.storage import StorageOptions
 from pipelines.io.storage import join, protocol_of, to_uri, write_json_atomic
 from pipelines.run.commit import Manifest, read_record
 from pipelines.run.cost import cache_lines, cost_lines, hosted_comparison
+from pipelines.schema import LABEL_PROBABILITY_FIELD, task_fields
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 2  # 2: `attempt`
+SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`
 
 
 class QuarantinedShard(BaseModel):
@@ -74,6 +75,37 @@ class AttemptInfo(BaseModel):
     replicas_started: int = 0  # engine replicas this attempt started, restarts included
     nodes_lost: list[str] = []  # Ray nodes that ran a replica of this attempt and were dead at its end
     rows_redone: int = 0  # rows generated more than once: their first answers were lost with a replica or node
+
+
+class Comparison(BaseModel):
+    """One figure of both runs; `limit` and `breached` where a gate covers it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str  # e.g. `label_psi`, `fill_rate:amount`, `cost_per_1k_records_usd`
+    previous: float | None
+    current: float | None
+    # current - previous; relative to previous for tokens and cost; the index itself for `label_psi`
+    change: float | None
+    watch: Literal["rise", "drop", "either"]  # which change a gate limits
+    limit: float | None = None
+    breached: bool = False
+
+
+class Drift(BaseModel):
+    """The summary's `drift` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    previous_run: str | None  # None: no earlier successful run of this job under this output path
+    previous_finished_at: str | None = None
+    status: Literal["passed", "gate_failed", "not_compared"]
+    gated: bool  # both runs had `gates.min_records` records, so limits applied
+    comparisons: list[Comparison] = []
+
+    @property
+    def breaches(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.breached]
 
 
 class RunSummary(BaseModel):
@@ -129,6 +161,8 @@ class RunSummary(BaseModel):
     by_label: dict[str, dict[str, Any]] | None = None
     quality: dict[str, Any] | None = None
     attempt: AttemptInfo | None = None
+    fill_rates: dict[str, float | None] | None = None  # each task field's share of generated records that have it
+    drift: Drift | None = None  # against the previous successful run of the job (`pipelines.run.drift`)
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""
@@ -314,6 +348,15 @@ def extraction_quality(results: pl.LazyFrame, truth_columns: dict[str, str]) -> 
     return {"fields": fields, "mean_exact_match_rate": round(sum(rates) / len(rates), 6) if rates else None}
 
 
+def fill_rates(results: pl.LazyFrame, fields: list[str]) -> dict[str, float | None]:
+    """Each field's share of the generated records that have it (not null)."""
+    if not fields:
+        return {}
+    row = results.select([pl.len().alias("\0n"), *(pl.col(f).is_not_null().sum().alias(f) for f in fields)]
+                         ).collect().row(0, named=True)
+    return {f: _ratio(row[f], row["\0n"]) for f in fields}
+
+
 def quality(results: pl.LazyFrame, spec) -> dict | None:
     """The job's quality figures where its spec names truth columns; None otherwise."""
     if spec.task == "classify" and spec.classify.label_column:
@@ -384,4 +427,6 @@ def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: St
         "by_label": by_label(results) if results is not None and spec.task == "classify" else None,
         "quality": found,
         "attempt": attempt,
+        "fill_rates": fill_rates(results, [f.name for f in task_fields(spec.task, spec.classify, spec.extract)
+                                           if f.name != LABEL_PROBABILITY_FIELD.name]) if results is not None else None,
     })
