@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_path", help="the run's folder: <output.path>/<run id>, local or object storage")
     report.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
+    rejects = sub.add_parser("rejects", help="what a run rejected")
+    rsub = rejects.add_subparsers(dest="rejects_command", required=True)
+    rp = rsub.add_parser("replay", help="a new run over exactly the records a run rejected (engine, image, "
+                                        "prompt_too_long), once their cause is gone")
+    rp.add_argument("run_path", help="the run's folder: <output.path>/<run id>, local or object storage")
+    rp.add_argument("--reasons", type=lambda v: [r.strip() for r in v.split(",") if r.strip()],
+                    help="comma-separated reasons to replay (default: every replayable one the run has)")
+    rp.add_argument("--run-id", help="the new run's id (default: <run id>-replay-<hash of the reasons>)")
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="change the original spec for the replay (repeatable), e.g. --set engine=cpu-smollm2")
+    rp.add_argument("--engine-set", dest="engine_overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a field of the engine profile (repeatable)")
+    rp.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    rp.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
     sub.add_parser("reference", help="print the configuration reference (markdown) from the config models")
     return parser
 
@@ -190,8 +205,11 @@ def format_summary(summary: RunSummary) -> str:
     if s["output"]["output_file"] is not None:
         rows.append(("OpenAI batch files", f"{s['output']['output_lines']:,} in {s['output']['output_file']}, "
                                            f"{s['output']['error_lines']:,} in {s['output']['error_file']}"))
+    if summary.replay_of is not None:
+        r = summary.replay_of
+        rows.insert(1, ("replay of", f"{r.run} ({r.records:,} records rejected for {', '.join(r.reasons)})"))
     drift = summary.drift
-    if drift is not None:
+    if drift is not None and summary.replay_of is None:
         if drift.previous_run is None:
             rows.append(("drift", "not compared: no earlier successful run of this job under this output path"))
         else:
@@ -355,6 +373,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_rejects(args: argparse.Namespace) -> int:
+    from pipelines.run.replay import replay
+
+    summary = replay(args.run_path, reasons=args.reasons, run_id=args.run_id, overrides=args.overrides,
+                     engine_overrides=args.engine_overrides, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print("\ntokenmill run summary\n" + format_summary(summary))
+    return 0 if summary.records_out + summary.records_rejected == summary.records_in else 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipelines.run.report import rebuild
 
@@ -368,7 +398,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"reference": _cmd_reference, "run": _cmd_run, "check": _cmd_check, "models": _cmd_models,
             "samples": _cmd_samples, "bench": _cmd_bench, "plan": _cmd_plan, "report": _cmd_report,
-            "submit": _cmd_submit}
+            "submit": _cmd_submit, "rejects": _cmd_rejects}
 
 
 def refuse_secret_sets(args: argparse.Namespace) -> None:

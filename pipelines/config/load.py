@@ -160,9 +160,18 @@ def load_job(path: str | Path, *, overrides: Sequence[str] = (), conf_dir: str |
             in `input.path` and `output.path`, and names the run.
     """
     path = Path(path)
+    return job_from_data(read_yaml(path, "job spec"), source=path, overrides=overrides, conf_dir=conf_dir,
+                         partition=partition, engine_overrides=engine_overrides)
+
+
+def job_from_data(data: dict[str, Any], *, source: Path, overrides: Sequence[str] = (),
+                  conf_dir: str | Path | None = None, partition: str | None = None,
+                  engine_overrides: Sequence[str] = ()) -> Job:
+    """`load_job` for a spec already read (`source` names it in messages): a replay's spec comes from its run."""
+    path = source
     if partition is not None and (problem := night_problem(partition)):
         raise ConfigError(problem)
-    data = apply_partition(apply_overrides(read_yaml(path, "job spec"), overrides, path), partition, path)
+    data = apply_partition(apply_overrides(data, overrides, path), partition, path)
     spec = validate(JobSpec, data, path)
     conf = conf_dir_for(path, Path(conf_dir) if conf_dir else None)
     engine = load_engine(spec.engine, conf, engine_overrides)

@@ -22,8 +22,8 @@ PSI_FLOOR = 1e-4
 
 
 def previous_run(fs, out_root: str, *, job: str, run_id: str, before: str) -> tuple[str, RunSummary] | None:
-    """The latest run of `job` under `out_root` that finished (its `_SUCCESS`) before `before` (ISO time) and did
-    not fail a gate, with its summary; None where there is none."""
+    """The latest run of `job` under `out_root` that finished (its `_SUCCESS`) before `before` (ISO time), did not
+    fail a gate and is not a replay of rejects, with its summary; None where there is none."""
     candidates: list[tuple[str, str]] = []
     for entry in fs.ls(out_root, detail=False) if fs.exists(out_root) else []:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
@@ -37,7 +37,7 @@ def previous_run(fs, out_root: str, *, job: str, run_id: str, before: str) -> tu
         candidates.append((done.finished_at, name))
     for _, name in sorted(candidates, reverse=True):
         summary = read_summary(fs, join(out_root, name))
-        if summary is not None and summary.job == job:
+        if summary is not None and summary.job == job and summary.replay_of is None:  # a replay is no night
             return name, summary
     return None
 

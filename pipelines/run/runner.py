@@ -41,7 +41,7 @@ from pipelines.run.lease import Lease
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
 from pipelines.run.report import write_report
-from pipelines.run.summary import AttemptInfo, RunSummary, read_summary, summarize
+from pipelines.run.summary import AttemptInfo, ReplayOf, RunSummary, read_summary, summarize
 from pipelines.stages.engine import vllm_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
 from pipelines.stages.read import InputPlan, duplicate_pass_on_cluster, find_duplicates, plan_input
@@ -123,7 +123,8 @@ def attempt_info(lease: Lease, ledger: list[dict], *, engine_rows: int, shards_l
                        rows_redone=max(0, sum(e["rows"] for e in mine) - engine_rows))
 
 
-def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True) -> RunSummary:
+def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resume: bool = True,
+            lineage: ReplayOf | None = None) -> RunSummary:
     """Run a job end to end, or resume it; return its summary (also written as `summary.json`).
 
     Args:
@@ -133,6 +134,7 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         progress: Show Ray Data's progress bars.
         resume: Go on with an existing run of this id (shards it committed are
             skipped, the others redone); False refuses an existing run.
+        lineage: The run this one replays the rejects of (`pipelines.run.replay`), kept in its summary.
     """
     spec = job.spec
     fingerprint = spec_fingerprint(job)
@@ -157,13 +159,15 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
         if finished is not None:  # the attempt this one waited for finished the run
             return finished.model_copy(update={"resumed": True, "shards_redone": 0})
         return _run_attempt(job, run_id=run_id, out_root=out_root, run_root=run_root, out_fs=out_fs,
-                            storage=storage, adapter=adapter, checked=checked, lease=lease, progress=progress)
+                            storage=storage, adapter=adapter, checked=checked, lease=lease, progress=progress,
+                            lineage=lineage)
     finally:
         lease.release()
 
 
 def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs, storage: StorageOptions,
-                 adapter: Adapter | None, checked: InputPlan | list[str], lease: Lease, progress: bool) -> RunSummary:
+                 adapter: Adapter | None, checked: InputPlan | list[str], lease: Lease, progress: bool,
+                 lineage: ReplayOf | None = None) -> RunSummary:
     """The run, by the attempt that holds its lease: clean up, generate what is left, commit, summarise."""
     spec = job.spec
     attempt = lease.attempt
@@ -254,8 +258,11 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
         summary.output = summary.output.model_copy(update=dict(
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
+    summary.replay_of = lineage
     # Against the previous successful night of this job under this output path; a breached gate still commits.
-    found = previous_run(out_fs, out_root, job=spec.name, run_id=run_id, before=summary.started_at)
+    # A replay holds only the records that failed: it is no night to compare.
+    found = None if lineage else previous_run(out_fs, out_root, job=spec.name, run_id=run_id,
+                                              before=summary.started_at)
     summary.drift = compare(summary, found[1] if found else None, spec.gates,
                             previous_run=found[0] if found else None)
     write_report(out_fs, run_root, summary, storage)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`
+SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`
 
 
 class QuarantinedShard(BaseModel):
@@ -108,6 +108,17 @@ class Drift(BaseModel):
         return [c for c in self.comparisons if c.breached]
 
 
+class ReplayOf(BaseModel):
+    """A replay's lineage (`tokenmill rejects replay`): the run whose rejects it ran again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str  # the original run's folder
+    run_id: str
+    reasons: list[str]  # the `Reason`s replayed
+    records: int  # rejected records staged for the replay
+
+
 class RunSummary(BaseModel):
     """`summary.json`: what a run did and cost, from its committed files."""
 
@@ -163,6 +174,7 @@ class RunSummary(BaseModel):
     attempt: AttemptInfo | None = None
     fill_rates: dict[str, float | None] | None = None  # each task field's share of generated records that have it
     drift: Drift | None = None  # against the previous successful run of the job (`pipelines.run.drift`)
+    replay_of: ReplayOf | None = None  # a replay of another run's rejects
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""
