@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from pipelines.config.engine import CostProfile, EngineProfile
 from pipelines.config.job import JobSpec
@@ -228,6 +228,9 @@ def job_snapshot(job: Job) -> dict[str, Any]:
     }
 
 
+SECRET_MASK = str(SecretStr("x"))  # how pydantic writes a `SecretStr`: "**********"
+
+
 def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
     """The job a run was started with (`job_snapshot`)."""
     rate = snapshot.get("accelerator_price")
@@ -235,6 +238,10 @@ def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
     # Masked values were never kept: the rebuilt job goes without them.
     storage = dict(spec.get("storage") or {})
     storage["extra"] = {k: v for k, v in (storage.get("extra") or {}).items() if v != MASKED}
+    # Keys are dumped as pydantic masks them; taken back as they are, the mask would be sent as the key.
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        if storage.get(key) == SECRET_MASK:
+            storage[key] = None
     spec["storage"] = storage
     engine["env"] = {k: v for k, v in (engine.get("env") or {}).items() if v != MASKED}
     return Job(spec=JobSpec.model_validate(spec), engine=EngineProfile.model_validate(engine),

@@ -132,7 +132,7 @@ def replay(run_path: str, *, reasons: Sequence[str] | None = None, run_id: str |
     if spec["input"].get("format") == "openai_batch":
         raise ConfigError(f"{run_path}: replaying OpenAI batch input is not supported; resubmit the failed lines "
                           "from errors.jsonl as a new batch file")
-    # Credentials were never kept (masked): the replay reads with the environment's, or the --set ones.
+    # Credentials were never kept (masked): the replay reads with the environment's.
     spec["storage"] = {k: v for k, v in (spec.get("storage") or {}).items()
                        if k not in ("access_key_id", "secret_access_key", "session_token", "extra")}
     conf = Path(snapshot["conf_dir"]) if Path(snapshot["conf_dir"], "engines").is_dir() else REPO_CONF_DIR

@@ -294,4 +294,6 @@ def test_the_run_snapshot_keeps_profile_env_and_storage_extra_by_name_only():
     assert snapshot["engine"]["env"]["VLLM_CPU_KVCACHE_SPACE"] == MASKED  # by name only, whatever the name
     rebuilt = job_from_snapshot(json.loads(text))
     assert "HF_TOKEN" not in rebuilt.engine.env and "token" not in rebuilt.spec.storage.extra
+    # The masked key is not taken back as a key (it would be sent to the store as one): the environment's serves.
+    assert rebuilt.spec.storage.secret_access_key is None
     assert rebuilt.spec.name == job.spec.name and rebuilt.engine.name == job.engine.name
