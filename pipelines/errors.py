@@ -51,3 +51,9 @@ class GateFailed(TokenmillError):
     """A drift gate was breached: the run is committed and kept, and `_SUCCESS` records `gate_failed`."""
 
     exit_code = 8
+
+
+class BudgetSpent(TokenmillError):
+    """The run's budget stopped it: what was committed stays; a higher cap resumes it."""
+
+    exit_code = 9

@@ -27,6 +27,8 @@ class Reason(enum.StrEnum):
     IMAGE = "image"  # the image is missing, unreadable or not an image
     ENGINE = "engine"  # the engine refused or aborted this request
     PARSE = "parse"  # the answer is not a label, not JSON, or does not validate
+    # Not sent: the run's budget was spent. Never written: the record's shard is left for a resume.
+    BUDGET = "budget"
     UNREADABLE = "unreadable"  # a whole shard is not readable Parquet
     SCHEMA = "schema"  # a whole shard lacks a column or holds one of another type
     # OpenAI batch request lines (`pipelines.io.openai_batch`), named as OpenAI's own batch errors are:

@@ -304,6 +304,21 @@ class LeaseSpec(BaseModel):
     )
 
 
+class BudgetSpec(BaseModel):
+    """A hard cap on what a run may spend: once committed spend plus the work in flight would pass it, no new
+    batch goes to an engine; the batches in flight finish, the run stops (exit code 9, `stopped: budget`, no
+    `_SUCCESS`), and running it again with a higher cap resumes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_usd: float | None = Field(None, gt=0, description="Most dollars the run may cost, in its cost mode.")
+    max_output_tokens: int | None = Field(None, ge=1, description="Most output tokens the run may generate.")
+
+    @property
+    def capped(self) -> bool:
+        return self.max_usd is not None or self.max_output_tokens is not None
+
+
 class GatesSpec(BaseModel):
     """Drift gates: how far a run may move from the previous successful run of the job under the same output
     path before it ends with exit code 8 (its results committed and kept, `_SUCCESS` saying `gate_failed`).
@@ -359,6 +374,7 @@ class JobSpec(BaseModel):
     cost: CostSpec = Field(default_factory=CostSpec)
     cache: CacheSpec | None = Field(
         None, description="Reuse answers of earlier runs (and of repeats within a run); none means no cache.")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, description="A hard spending cap (none by default).")
     gates: GatesSpec = Field(
         default_factory=GatesSpec, description="Drift gates against the previous successful run (none by default).")
     batch_size: int | None = Field(

@@ -51,3 +51,19 @@ def set_accrued(usd: float, *, tags: dict[str, str]) -> None:
             usd, tags=tags)
     except Exception as exc:  # noqa: BLE001
         log.debug("metrics not recorded: %s", exc)
+
+
+def set_budget(spent_usd: float, cap_usd: float | None, spent_tokens: int, cap_tokens: int | None, *,
+               tags: dict[str, str]) -> None:
+    """The run's spend against its budget (`budget:` in the spec), as the budget keeper counts it."""
+    try:
+        _metric("Gauge", "tokenmill_budget_spent_usd", "Dollars spent, against budget.max_usd.").set(spent_usd, tags=tags)
+        _metric("Gauge", "tokenmill_budget_spent_output_tokens", "Output tokens generated, against "
+                "budget.max_output_tokens.").set(spent_tokens, tags=tags)
+        if cap_usd is not None:
+            _metric("Gauge", "tokenmill_budget_max_usd", "The run's budget.max_usd.").set(cap_usd, tags=tags)
+        if cap_tokens is not None:
+            _metric("Gauge", "tokenmill_budget_max_output_tokens", "The run's budget.max_output_tokens.").set(
+                cap_tokens, tags=tags)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("metrics not recorded: %s", exc)

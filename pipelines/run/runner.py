@@ -12,9 +12,11 @@ import re
 import time
 import uuid
 
+import polars as pl
+
 from pipelines.config.load import Job, job_snapshot
 from pipelines.config.storage import StorageOptions
-from pipelines.errors import ConfigError, EngineError, RunAborted
+from pipelines.errors import BudgetSpent, ConfigError, EngineError, RunAborted
 from pipelines.io.openai_batch import request_files, stage_requests, write_batch_files
 from pipelines.io.storage import filesystem_for, join
 from pipelines.models import resolve_engine_paths
@@ -41,7 +43,15 @@ from pipelines.run.lease import Lease
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
 from pipelines.run.progress import Progress
 from pipelines.run.report import write_report
-from pipelines.run.summary import AttemptInfo, ReplayOf, RunSummary, read_summary, summarize
+from pipelines.run.summary import (
+    AttemptInfo,
+    BudgetFigures,
+    ReplayOf,
+    RunSummary,
+    read_summary,
+    scan_results,
+    summarize,
+)
 from pipelines.stages.engine import vllm_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
 from pipelines.stages.read import InputPlan, duplicate_pass_on_cluster, find_duplicates, plan_input
@@ -70,7 +80,7 @@ def spec_fingerprint(job: Job) -> str:
     """What a run's results depend on: the spec less where it writes and how it is scheduled, and the engine."""
     spec = job.spec.model_dump(mode="json", exclude={"output": {"path"}, "actors": True, "batch_size": True,
                                                         "failures": True, "storage": True, "description": True,
-                                                        "lease": True, "gates": True})
+                                                        "lease": True, "gates": True, "budget": True})
     # The stand-in's pace and the process the engine core runs in change how long it takes, not what it answers.
     engine = job.engine.model_dump(mode="json", exclude={"description", "stand_in_s_per_request", "engine_process"})
     payload = {"spec": spec, "engine": engine}
@@ -110,6 +120,66 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
         log.info("run %s already finished; nothing to do", run_id)
         return read_summary(out_fs, run_root)
     return None
+
+
+BUDGET_POLL_S = 0.5
+
+
+def start_budget(job: Job, run_id: str, out_fs, run_root: str, manifests: dict, storage: StorageOptions):
+    """The run's budget keeper (`pipelines.run.budget`), counting what earlier attempts spent: per token, what
+    they committed; in accelerator time, every replica's time in the ledger."""
+    from pipelines.run.budget import start_keeper
+
+    spec = job.spec
+    results = scan_results(committed_results(manifests), storage)
+    done = (results.select(pl.col("cost_usd").sum(), pl.col("completion_tokens").sum()).collect().row(0)
+            if results is not None else (0.0, 0))
+    per_s, prior_usd = 0.0, float(done[0] or 0.0)
+    if spec.cost.mode == "accelerator_time":
+        rate = job.accelerator_billing()[0]
+        per_s = rate.usd_per_hour * job.engine.billed_units / 3600
+        prior_usd = accelerator_bill(EngineStats.from_ledger(read_ledger(out_fs, run_root)), rate,
+                                     job.engine.billed_units)["total_usd"]
+    return start_keeper(max_usd=spec.budget.max_usd, max_output_tokens=spec.budget.max_output_tokens,
+                        mode=spec.cost.mode, usd_per_replica_s=per_s, spent_usd=prior_usd,
+                        spent_tokens=int(done[1] or 0), tags={"job": spec.name, "run_id": run_id})
+
+
+def ray_get_state(keeper) -> dict:
+    import ray
+
+    return ray.get(keeper.state.remote())
+
+
+def budget_figures(job: Job, state: dict, ledger: list[dict]) -> BudgetFigures:
+    """The summary's budget section; in accelerator time, spend is the replicas' billed time, as the bill is."""
+    spec = job.spec
+    spent = state["spent_usd"]
+    if spec.cost.mode == "accelerator_time":
+        spent = accelerator_bill(EngineStats.from_ledger(ledger), job.accelerator_billing()[0],
+                                 job.engine.billed_units)["total_usd"]
+    over = max(0.0, spent - spec.budget.max_usd) if spec.budget.max_usd is not None else 0.0
+    largest = state["largest_batch_usd"]
+    return BudgetFigures(max_usd=spec.budget.max_usd, max_output_tokens=spec.budget.max_output_tokens,
+                         spent_usd=round(spent, 9), spent_output_tokens=state["spent_output_tokens"],
+                         batches=state["batches"], batches_refused=state["refused"],
+                         largest_batch_usd=round(largest, 9), overshoot_usd=round(over, 9),
+                         overshoot_batches=round(over / largest, 3) if largest else 0.0)
+
+
+def _stopped_summary(job: Job, run_id: str, out_fs, run_root: str, storage: StorageOptions, *, adapter, wall: float,
+                     started_at: dt.datetime, resumed: bool, shards_redone: int, state: dict,
+                     lineage: ReplayOf | None) -> BudgetFigures:
+    """Write the summary of a run its budget stopped (what it committed, `stopped: budget`; no `_SUCCESS`);
+    return its budget figures."""
+    manifests = read_manifests(out_fs, run_root)
+    ledger = read_ledger(out_fs, run_root)
+    summary = summarize(job, run_id, manifests, storage, adapter=adapter, engine=EngineStats.from_ledger(ledger),
+                        wall=wall, started_at=started_at, resumed=resumed, shards_redone=shards_redone)
+    summary.stopped, summary.replay_of = "budget", lineage
+    summary.budget = figures = budget_figures(job, state, ledger)
+    write_report(out_fs, run_root, summary, storage)
+    return figures
 
 
 def attempt_info(lease: Lease, ledger: list[dict], *, engine_rows: int, shards_lost: int) -> AttemptInfo:
@@ -196,6 +266,7 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
 
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
+    keeper = None
     aborted = None
     engine_rows = 0  # rows this attempt's engines generated that were committed
     if todo.shards:
@@ -207,12 +278,14 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
         DataContext.get_current().enable_progress_bars = progress
         processed = failed = 0
         meter = Progress(job, run_id, out_fs, run_root, total=sum(s.num_rows for s in todo.shards))
+        keeper = start_budget(job, run_id, out_fs, run_root, manifests, storage) if spec.budget.capped else None
+        polled, sent_seen, spent_state = time.monotonic(), 0, None
         try:
             ds = build_dataset(job, todo, run_id=run_id, run_root=run_root, out_fs=out_fs,
                                tokenizer_path=tokenizer_path, storage=storage, adapter=adapter,
                                ledger=functools.partial(ReplicaLedger, out_fs, run_root, attempt=attempt),
-                               duplicates=duplicates)
-            for n, written in enumerate(ds.iter_rows()):
+                               duplicates=duplicates, budget=keeper)
+            for written in ds.iter_rows():
                 lease.check("go on with the run")  # an attempt fenced out stops at once, not at its next commit
                 committer.record(written)
                 meter.add(written)
@@ -226,6 +299,16 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
                                f"{len(committer.committed)} shards committed stay valid; see the rejects, fix the "
                                "cause and run again to resume")
                     break
+                if keeper is not None:
+                    sent_seen += written["sent_rows"]
+                    if spent_state is None and time.monotonic() - polled > BUDGET_POLL_S:
+                        polled = time.monotonic()
+                        state = ray.get(keeper.state.remote())
+                        spent_state = state if state["stopped"] and not state["in_flight"] else None
+                    # Spent, nothing in flight, and every batch sent is written: the rest would only be refused,
+                    # so the replicas go now rather than idle (billed) while the remaining input is read.
+                    if spent_state is not None and sent_seen >= spent_state["sent_rows"]:
+                        break
         except ray.exceptions.RayError as exc:
             raise EngineError(f"run {run_id} failed: {exc}; committed shards stay valid, run again to resume") \
                 from exc
@@ -236,6 +319,16 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
     incomplete = committer.finish()
     if aborted:
         raise RunAborted(aborted)
+    budget_state = ray_get_state(keeper) if todo.shards and keeper is not None else None
+    if budget_state is not None and budget_state["stopped"]:
+        spent = _stopped_summary(job, run_id, out_fs, run_root, storage, adapter=adapter, wall=wall,
+                                 started_at=started_at, resumed=resumed, shards_redone=len(todo.shards),
+                                 state=budget_state, lineage=lineage)
+        raise BudgetSpent(
+            f"run {run_id} stopped: budget.{budget_state['stopped']} reached (spent ${spent.spent_usd:.6f}"
+            f" and {spent.spent_output_tokens:,} output tokens); {len(committer.committed)} shards "
+            f"committed stay valid, {len(incomplete)} left; raise the cap (--set budget.{budget_state['stopped']}"
+            "=...) and run again to resume")
     if incomplete:
         raise EngineError(f"run {run_id}: {len(incomplete)} shards were not fully written "
                           f"({', '.join(p.uri for p in incomplete[:3])}); run again to resume")
@@ -259,6 +352,8 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
     summary.replay_of = lineage
+    if keeper is not None and todo.shards:
+        summary.budget = budget_figures(job, ray_get_state(keeper), ledger)
     # Against the previous successful night of this job under this output path; a breached gate still commits.
     # A replay holds only the records that failed: it is no night to compare.
     found = None if lineage else previous_run(out_fs, out_root, job=spec.name, run_id=run_id,

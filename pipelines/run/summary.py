@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`
+SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`
 
 
 class QuarantinedShard(BaseModel):
@@ -108,6 +108,22 @@ class Drift(BaseModel):
         return [c for c in self.comparisons if c.breached]
 
 
+class BudgetFigures(BaseModel):
+    """The summary's `budget` section: the caps, what was spent against them, and by how much it passed them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_usd: float | None
+    max_output_tokens: int | None
+    spent_usd: float  # in the run's cost mode, every attempt's engine work (committed or not)
+    spent_output_tokens: int
+    batches: int  # sent to an engine by this attempt
+    batches_refused: int
+    largest_batch_usd: float
+    overshoot_usd: float  # spend past max_usd (0 when within it)
+    overshoot_batches: float  # that, in batches of the largest batch's cost
+
+
 class ReplayOf(BaseModel):
     """A replay's lineage (`tokenmill rejects replay`): the run whose rejects it ran again."""
 
@@ -175,6 +191,8 @@ class RunSummary(BaseModel):
     fill_rates: dict[str, float | None] | None = None  # each task field's share of generated records that have it
     drift: Drift | None = None  # against the previous successful run of the job (`pipelines.run.drift`)
     replay_of: ReplayOf | None = None  # a replay of another run's rejects
+    stopped: Literal["budget"] | None = None  # a run that stopped before its end: the summary of what it committed
+    budget: BudgetFigures | None = None  # with `budget:` in the spec
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""

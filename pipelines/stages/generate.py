@@ -11,6 +11,7 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -18,11 +19,13 @@ import pyarrow as pa
 
 from pipelines.config.engine import EngineProfile
 from pipelines.config.job import SamplingSpec
+from pipelines.config.prices import ModelPrice
 from pipelines.config.storage import StorageOptions
 from pipelines.io.response_cache import ResponseCache, identity_digest, request_key
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, local_adapter
 from pipelines.schema import Reason
+from pipelines.stages.account import tokens_cost
 from pipelines.stages.engine import (
     EngineClient,
     EngineFactory,
@@ -70,11 +73,19 @@ class GenerateStage:
     def __init__(self, *, profile: dict[str, Any], sampling: dict[str, Any], ledger: LedgerFactory | None = None,
                  adapter: Adapter | None = None, storage: StorageOptions | None = None,
                  structured: dict[str, Any] | None = None, logprobs: bool = False,
-                 cache: dict[str, Any] | None = None, engine: EngineFactory = EngineClient):
+                 cache: dict[str, Any] | None = None, engine: EngineFactory = EngineClient,
+                 budget: dict[str, Any] | None = None):
         """`engine` makes the replica's engine client (`pipelines.stages.engine.EngineClient`, or a stand-in
-        with the same methods); the other arguments are the job's, as `pipelines.stages.processor` passes them."""
+        with the same methods); `budget`, where the job has one, is the run's keeper (`pipelines.run.budget`) and
+        the price its worst cases are reckoned at; the other arguments are the job's, as
+        `pipelines.stages.processor` passes them."""
         self.profile = EngineProfile.model_validate(profile)
         apply_profile_env(self.profile)
+        self.budget = budget["keeper"] if budget else None
+        self.price = ModelPrice.model_validate(budget["price"]) if budget else None
+        self.replica = uuid.uuid4().hex[:12]
+        if self.budget is not None:  # billed from its creation, as the ledger bills it
+            self.budget.replica_started.remote(self.replica, time.time())
         self.dtype = engine_dtype(self.profile)
         # The response cache (`pipelines.io.response_cache`): its folder, and the digest of what decides an answer. Where
         # this node chose the dtype (`auto` on CPU), the choice is part of it: answers differ between dtypes.
@@ -194,6 +205,15 @@ class GenerateStage:
                     keys[i] = todo_keys[k]
                 if self.cache_read:
                     send, copies, waits, found = self._cache_plan(cache, todo_keys)
+            reservation = None
+            if send and self.budget is not None:
+                reservation = self._reserve([prompts[k] for k in send], [params[k] for k in send])
+                if reservation is None:  # the budget is spent: these rows are left for a resume
+                    for k in send:
+                        codes[todo[k]], errors[todo[k]] = Reason.BUDGET, NOT_SENT
+                        if todo_keys and self.cache_read:
+                            self._cache_done(todo_keys[k], None, NOT_SENT)
+                    send = []
             if send and self.engine.start():
                 started = time.time()  # the engine's start-up is its own line, not this batch's work
             if self.profile.engine_args.enable_prefix_caching:
@@ -214,10 +234,13 @@ class GenerateStage:
                     self._cache_done(todo_keys[k], entry, errors[i])
             for k, entry in found.items():
                 rows[todo[k]], from_cache[todo[k]] = entry, True
+            if reservation is not None:
+                self._settle(reservation, [done[j] for j in sorted(done)], generated_tokens, time.time() - started,
+                             len(send))
             for k, future in waits.items():
                 entry, error = future.result()
                 rows[todo[k]], errors[todo[k]], from_cache[todo[k]] = entry, error, entry is not None
-                codes[todo[k]] = Reason.ENGINE if error is not None else None
+                codes[todo[k]] = None if error is None else Reason.BUDGET if error == NOT_SENT else Reason.ENGINE
             for k, source in copies.items():
                 i, src = todo[k], todo[source]
                 rows[i], errors[i], from_cache[i] = rows[src], errors[src], rows[src] is not None
@@ -252,6 +275,24 @@ class GenerateStage:
         return result
 
 
+    def _reserve(self, prompts: list[list[int]], params: list) -> str | None:
+        """Ask the run's budget for a batch at its worst case: every prompt token uncached, every row at its
+        max_tokens. The reservation's key, or None when the budget is spent."""
+        import ray
+
+        assert self.budget is not None and self.price is not None
+        tokens = sum(int(getattr(p, "max_tokens", None) or self.sampling.max_tokens) for p in params)
+        usd = tokens_cost(sum(len(p) for p in prompts), 0, tokens, self.price)
+        key = uuid.uuid4().hex
+        return key if ray.get(self.budget.reserve.remote(key, usd, tokens)) else None
+
+    def _settle(self, key: str, answers: list, tokens: int, seconds: float, rows: int) -> None:
+        assert self.budget is not None and self.price is not None
+        usd = sum(tokens_cost(len(a.prompt_token_ids), a.num_cached_tokens or 0, len(a.outputs[0].token_ids),
+                              self.price) for a in answers)
+        self.budget.settle.remote(key, usd, tokens, seconds, rows)
+
+
 def prefix_order(prompts: list[list[int]], block: int) -> list[int]:
     """An order for a batch's requests in which vLLM's prefix cache hits: positions into `prompts`.
 
@@ -275,6 +316,7 @@ def prefix_order(prompts: list[list[int]], block: int) -> list[int]:
 
 # Answers a replica remembers for requests repeated later in the same run, before the cache's store has them.
 MEMO_ENTRIES = 4096
+NOT_SENT = "not sent: the run's budget is spent (budget: in the spec); a run with a higher cap resumes it"
 
 
 def _entry(out, generated_at_us: int, logprobs: bool) -> dict[str, Any]:

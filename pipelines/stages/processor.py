@@ -6,6 +6,8 @@ iterates the write stage's small reports (`pipelines.run.runner`), and it never 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from pipelines.config.load import Job
@@ -103,7 +105,7 @@ def cache_settings(job: Job, storage: StorageOptions, adapter: Adapter | None) -
 
 def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_fs, tokenizer_path: str,
                   storage: StorageOptions, adapter: Adapter | None = None, ledger: LedgerFactory | None = None,
-                  duplicates: dict[str, dict[int, str]] | None = None):
+                  duplicates: dict[str, dict[int, str]] | None = None, budget: Any = None):
     """The job as a lazy Ray dataset whose rows report what was written (`pipelines.stages.write.WRITTEN`).
 
     Args:
@@ -112,6 +114,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
         run_id: Written into every row.
         run_root, out_fs: The run's folder and its filesystem (fsspec); files go under it.
         duplicates: Rows to reject as repeated ids (`pipelines.stages.read.find_duplicates`).
+        budget: The run's budget keeper (`pipelines.run.budget`, a Ray actor), asked before each batch.
         tokenizer_path: The engine's tokenizer, resolved (see `pipelines.models.resolve_model`).
         storage: Resolved object-store access (image URIs, the LoRA adapter).
         adapter: The job's checked LoRA adapter (`pipelines.models.adapters.check_adapter`), if any.
@@ -143,6 +146,7 @@ def build_dataset(job: Job, plan: InputPlan, *, run_id: str, run_root: str, out_
             "structured": structured_outputs(spec),
             "logprobs": bool(spec.classify and spec.classify.probability),
             "cache": cache,
+            "budget": {"keeper": budget, "price": job.price.model_dump(mode="json")} if budget is not None else None,
         },
         # Two calls at once per replica: one batch waits in the engine loop while the other runs, so the
         # engine never drains between batches (`pipelines.stages.engine.EngineLoop`).

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.schema import RESULT_FIELDS, TOKEN_ID_FIELDS
+from pipelines.schema import RESULT_FIELDS, TOKEN_ID_FIELDS, Reason
 
 REJECT_FIELDS: list[pa.Field] = [
     pa.field("shard", pa.string()),
@@ -38,6 +38,8 @@ WRITTEN = pa.schema([
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
     ("cost_usd", pa.float64()),
+    ("budget_rows", pa.int64()),  # not sent, the budget being spent: not written, so the shard stays uncommitted
+    ("sent_rows", pa.int64()),  # rows the engine was asked for (answered, or failed by it), not the cache
 ])
 
 
@@ -86,6 +88,9 @@ def write_batch(batch: pa.Table, *, fs, run_root: str, results: pa.Schema, rejec
         mine = batch.filter(pc.equal(batch.column("_shard"), key))
         marker = mine.filter(pc.equal(mine.column("_row"), -1))
         mine = mine.filter(pc.not_equal(mine.column("_row"), -1))
+        unsent = pc.fill_null(pc.equal(mine.column("error_code"), Reason.BUDGET.value), False)
+        budget_rows = pc.sum(unsent).as_py() or 0
+        mine = mine.filter(pc.invert(unsent))
         generated = pc.is_valid(mine.column("completion_tokens"))  # the engine produced output
         ok, bad = mine.filter(generated), mine.filter(pc.invert(generated))
         name = uuid.uuid4().hex
@@ -97,7 +102,12 @@ def write_batch(batch: pa.Table, *, fs, run_root: str, results: pa.Schema, rejec
                                "quarantine": marker.column("error")[0].as_py() if marker.num_rows else None,
                                "prompt_tokens": pc.sum(ok.column("prompt_tokens")).as_py() or 0,
                                "completion_tokens": pc.sum(ok.column("completion_tokens")).as_py() or 0,
-                               "cost_usd": pc.sum(ok.column("cost_usd")).as_py() or 0.0}
+                               "cost_usd": pc.sum(ok.column("cost_usd")).as_py() or 0.0,
+                               "budget_rows": budget_rows,
+                               "sent_rows": (ok.num_rows - (pc.sum(ok.column("cached")).as_py() or 0)
+                                             + (pc.sum(pc.fill_null(pc.equal(bad.column("error_code"),
+                                                                             Reason.ENGINE.value), False)).as_py()
+                                                or 0))}
         if ok.num_rows:
             row["results_file"] = f"{run_root}/results/{key}/{name}.parquet"
             _write(fs, row["results_file"], select_batch(ok, schema=results), compression)
