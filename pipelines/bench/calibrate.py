@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from pipelines.bench.common import bench_input, prompt_ids, run_child, write_result
 from pipelines.config.load import load_job
 from pipelines.models import resolve_engine_paths
-from pipelines.stages.engine import engine_dtype
+from pipelines.stages.engine import engine_dtype, this_machine
 
 
 @dataclasses.dataclass
@@ -138,6 +138,7 @@ def run_calibration(job_path: Path, *, overrides: Sequence[str] = (), engine_ove
         "decode_weight": decode_weight,
         "measured": f"tokenmill bench calibrate, {rows} prompts of {job.spec.name}, {platform.machine()} "
                     f"with {cores} cores, {engine_dtype(job.engine)}, {dt.date.today().isoformat()}",
+        "machine": this_machine(),
     }
 
 
@@ -187,4 +188,5 @@ def format_calibration(r: dict[str, Any]) -> str:
         f"      startup_s: {r['startup_s']:.1f}",
         f"      work_per_s: {r['pipeline_work_per_s']:.0f}",
         f"      measured: {r['measured']}",
+        f"      machine: {r['machine']}",
     ])

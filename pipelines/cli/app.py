@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -108,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "profile, without starting an engine")
     _add_job_args(plan)
     plan.add_argument("--sample", type=int, metavar="N", help="read only the first N rows and scale up")
-    plan.add_argument("--deadline", metavar="DURATION",
-                      help="finish within this long (e.g. 90m, 2h, 600s): how many replicas each profile needs")
+    plan.add_argument("--deadline", metavar="HH:MM|DURATION",
+                      help="finish by this time of day (UTC, e.g. 06:00) or within this long (90m, 2h, 600s): how "
+                           "many replicas each profile needs, and whether its cluster can hold them")
+    plan.add_argument("--start", metavar="HH:MM", help="when the run starts, for a --deadline time of day "
+                                                       "(default: now, UTC)")
     plan.add_argument("--json", type=Path, help="also write the plan to this file")
 
     submit = sub.add_parser("submit", help="submit a job for one night to a Ray cluster (Jobs API), exactly once, "
@@ -205,6 +209,15 @@ def format_summary(summary: RunSummary) -> str:
     if s["output"]["output_file"] is not None:
         rows.append(("OpenAI batch files", f"{s['output']['output_lines']:,} in {s['output']['output_file']}, "
                                            f"{s['output']['error_lines']:,} in {s['output']['error_file']}"))
+    if summary.plan_check:
+        rows.append(("plan error", ", ".join(f"{k} {v['error_pct']:+.0f}%" for k, v in summary.plan_check.items()
+                                             if v["error_pct"] is not None) or "-"))
+    if summary.budget is not None:
+        b = summary.budget
+        rows.append(("budget", f"spent ${b.spent_usd:.6f} and {b.spent_output_tokens:,} output tokens of "
+                               f"{'$' + format(b.max_usd, 'g') if b.max_usd is not None else '-'} / "
+                               f"{num(b.max_output_tokens)}; {b.batches_refused} batches refused, overshoot "
+                               f"${b.overshoot_usd:.6f}" + (" (stopped)" if summary.stopped else "")))
     if summary.replay_of is not None:
         r = summary.replay_of
         rows.insert(1, ("replay of", f"{r.run} ({r.records:,} records rejected for {', '.join(r.reasons)})"))
@@ -327,6 +340,28 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clock(text: str, flag: str) -> dt.time:
+    try:
+        return dt.time.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected a time of day as HH:MM") from None
+
+
+def deadline_seconds(deadline: str, start: str | None, now: dt.datetime | None = None) -> float:
+    """Seconds from `start` (HH:MM, default now) to `deadline`: a time of day (HH:MM, the next one after the
+    start: 06:00 from 22:00 is 8 hours) or a duration (`parse_duration`)."""
+    if ":" not in deadline:
+        if start is not None:
+            raise ConfigError("--start goes with a --deadline time of day (HH:MM), not a duration")
+        return parse_duration(deadline)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    begin = _clock(start, "--start") if start else now.time().replace(tzinfo=None)
+    end = _clock(deadline, "--deadline")
+    day = dt.date(2000, 1, 1)
+    seconds = (dt.datetime.combine(day, end) - dt.datetime.combine(day, begin)).total_seconds()
+    return seconds if seconds > 0 else seconds + 86400
+
+
 def parse_duration(text: str) -> float:
     """`90m`, `2h`, `600s` or `600` as seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -344,7 +379,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, overrides=args.overrides, conf_dir=args.conf_dir, partition=args.date,
                    engine_overrides=args.engine_overrides)
-    result = plan_job(job, sample=args.sample, deadline_s=parse_duration(args.deadline) if args.deadline else None)
+    if args.start and not args.deadline:
+        raise ConfigError("--start goes with --deadline")
+    result = plan_job(job, sample=args.sample,
+                      deadline_s=deadline_seconds(args.deadline, args.start) if args.deadline else None)
     print(format_plan(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

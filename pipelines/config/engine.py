@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +70,22 @@ class Throughput(BaseModel):
         ..., gt=0, description="Work units per busy second in a pipeline run (one unit: one uncached prompt token; "
         "see `cost.decode_weight`).")
     measured: str = Field(..., description="Where, when and how it was measured.")
+    machine: str | None = Field(
+        None, description="The machine it was measured on (`tokenmill bench calibrate` writes it): a plan made "
+        "on another machine says so, since figures measured on one CPU do not hold on another.")
+
+
+class ThroughputPrior(BaseModel):
+    """A replica's throughput from a published figure, for `tokenmill plan` until the profile is calibrated on its
+    own hardware; every estimate made from it names its source and date."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    startup_s: float = Field(..., ge=0, description="Seconds a replica is billed beyond its busy time.")
+    work_per_s: float = Field(..., gt=0, description="Work units per busy second (see `throughput.work_per_s`).")
+    source: str = Field(..., description="Where the figure was published, and what it measured.")
+    taken: dt.date = Field(..., description="When the figure was taken from its source.")
+    derivation: str = Field("", description="How `work_per_s` and `startup_s` follow from the figure.")
 
 
 class CostProfile(BaseModel):
@@ -87,6 +104,8 @@ class CostProfile(BaseModel):
         0.0, ge=0, description="Engine time of one prompt token served from the prefix cache, in uncached prompt "
         "tokens.")
     throughput: Throughput | None = Field(None, description="Measured throughput, for `tokenmill plan`.")
+    prior: ThroughputPrior | None = Field(
+        None, description="A published figure `tokenmill plan` uses while there is no measured `throughput`.")
 
 
 class EngineProfile(BaseModel):

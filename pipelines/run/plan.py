@@ -15,6 +15,7 @@ import math
 import statistics
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,11 +25,13 @@ from pipelines.config.load import Job, load_engine, load_price_book
 from pipelines.errors import ConfigError
 from pipelines.io.storage import filesystem_for
 from pipelines.models import resolve_engine_paths
+from pipelines.paths import REPO_DIR
 from pipelines.run.cluster import ensure_ray
 from pipelines.run.commit import read_run_record
 from pipelines.run.cost import hosted_comparison
 from pipelines.run.summary import RunSummary, read_summary
 from pipelines.stages.account import tokens_cost
+from pipelines.stages.engine import this_machine
 from pipelines.stages.processor import prompt_kwargs
 from pipelines.stages.prompt import load_tokenizer, render_batch
 from pipelines.stages.read import duplicate_pass_on_cluster, find_duplicates, plan_input, read_shard_rows
@@ -86,10 +89,11 @@ def count_input(job: Job, *, sample: int | None = None) -> dict[str, Any]:
             plan = plan_input(spec, storage, uri=staged)
         else:
             plan = plan_input(spec, storage)
-        if plan.shards and duplicate_pass_on_cluster(plan):
+        # A sample's repeated ids are not worth a pass over every id of the input.
+        whole = sample is None and spec.input.format == "parquet" and bool(plan.shards)
+        if whole and duplicate_pass_on_cluster(plan):
             ensure_ray()
-        duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
-                      if spec.input.format == "parquet" and plan.shards else {})
+        duplicates = find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage) if whole else {}
         _, tokenizer_path = resolve_engine_paths(job.engine.model, job.engine.tokenizer)
         kwargs = prompt_kwargs(job, tokenizer_path=tokenizer_path, storage=storage)
         shards = pa.table({"key": [s.key for s in plan.shards], "path": [s.path for s in plan.shards]})
@@ -171,14 +175,43 @@ def output_estimate(job: Job, counts: dict, previous: RunSummary | None) -> dict
     return out
 
 
+def throughput_basis(profile: EngineProfile, machine: str | None = None) -> tuple[Any, str, str | None] | None:
+    """The throughput a profile's estimates come from, what it is, and a warning where it may not hold here:
+    its calibration, else a published figure (named, dated), else None."""
+    c = profile.cost
+    if c is None:
+        return None
+    if c.throughput is not None:
+        warning = None
+        if profile.device == "cpu":
+            here = machine or this_machine()
+            if c.throughput.machine is None:
+                warning = "calibrated on a machine it does not name: rerun `tokenmill bench calibrate` here"
+            elif c.throughput.machine != here:
+                warning = (f"calibrated on another machine ({c.throughput.machine}; this one is {here}): "
+                           "rerun `tokenmill bench calibrate` here")
+        return c.throughput, f"calibrated: {c.throughput.measured}", warning
+    if c.prior is not None:
+        return c.prior, f"published figure, not calibrated: {c.prior.source}, taken {c.prior.taken}", None
+    return None
+
+
 def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, output: int,
-                     deadline_s: float | None) -> dict[str, Any]:
-    """Accelerator time and cost of the work on one profile, and the replicas a deadline needs."""
+                     deadline_s: float | None, machine: str | None = None,
+                     capacity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Accelerator time and cost of the work on one profile, the replicas a deadline needs, and whether the
+    cluster's worker group for the profile (`capacity`: its KubeRay manifest's maxReplicas) can provide them."""
     est: dict[str, Any] = {"profile": profile.name, "model": profile.display_model, "device": profile.device}
-    if profile.cost is None or profile.cost.throughput is None:
+    found = throughput_basis(profile, machine)
+    if found is None:
         est["note"] = "no measured throughput (run `tokenmill bench calibrate` with this profile)"
         return est
-    c, t = profile.cost, profile.cost.throughput
+    t, basis, warning = found
+    c = profile.cost
+    assert c is not None
+    est["basis"] = basis
+    if warning:
+        est["warning"] = warning
     work = (prompt - cached) + cached * c.cached_weight + output * c.decode_weight
     busy_s = work / t.work_per_s
     replicas: int | None = 1
@@ -192,7 +225,10 @@ def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, 
     replica_s = n * t.startup_s + busy_s
     est.update(work_units=work, busy_s=busy_s, startup_s=t.startup_s, replicas=replicas,
                wall_s=t.startup_s + busy_s / n, replica_s=replica_s,
-               accelerator_hours=replica_s * profile.billed_units / 3600, throughput_measured=t.measured)
+               accelerator_hours=replica_s * profile.billed_units / 3600)
+    if capacity is not None:
+        est["cluster"] = capacity
+        est["fits_cluster"] = replicas is not None and replicas <= capacity["max_replicas"]
     if rate is not None:
         est["cost_usd"] = replica_s / 3600 * rate.usd_per_hour * profile.billed_units
         est["accelerator"] = rate.description
@@ -201,8 +237,28 @@ def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, 
     return est
 
 
-def plan_job(job: Job, *, sample: int | None = None, deadline_s: float | None = None) -> dict[str, Any]:
-    """The dry run: see the module's docstring. No engine is started."""
+def cluster_capacity(manifests: Path) -> dict[str, dict[str, Any]]:
+    """Per engine profile, the KubeRay RayCluster in `manifests` that serves it (its `tokenmill.io/engine-profile`
+    annotation) and the most replicas its GPU worker groups can hold (their `maxReplicas`)."""
+    import yaml
+
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(manifests.glob("*.yaml")) if manifests.is_dir() else []:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") != "RayCluster":
+                continue
+            profile = (doc.get("metadata", {}).get("annotations") or {}).get("tokenmill.io/engine-profile")
+            groups = doc.get("spec", {}).get("workerGroupSpecs") or []
+            if profile:
+                found[profile] = {"manifest": path.name, "cluster": doc["metadata"]["name"],
+                                  "max_replicas": sum(int(g.get("maxReplicas", g.get("replicas", 0))) for g in groups)}
+    return found
+
+
+def plan_job(job: Job, *, sample: int | None = None, deadline_s: float | None = None,
+             manifests: Path | None = None) -> dict[str, Any]:
+    """The dry run: see the module's docstring. No engine is started. `manifests`: the KubeRay manifests whose
+    worker groups say how many replicas each profile's cluster can hold (default `infra/k8s/`)."""
     counts = count_input(job, sample=sample)
     previous = previous_run(job)
     output = output_estimate(job, counts, previous)
@@ -218,13 +274,15 @@ def plan_job(job: Job, *, sample: int | None = None, deadline_s: float | None = 
     book = load_price_book(job.conf_dir)
     profiles = sorted(p.stem for p in (job.conf_dir / "engines").glob("*.yaml"))
     estimates = []
+    capacity = cluster_capacity(manifests if manifests is not None else REPO_DIR / "infra" / "k8s")
+    machine = this_machine()
     for name in [job.engine.name, *[p for p in profiles if p != job.engine.name]]:
         profile = job.engine if name == job.engine.name else load_engine(name, job.conf_dir)
         if profile.backend == "stand-in" and profile is not job.engine:
             continue  # a test engine: nothing to plan on
         rate = book.accelerators.get(profile.cost.accelerator) if profile.cost else None
         estimates.append(profile_estimate(profile, rate, prompt=prompt, cached=cached, output=out_total,
-                                          deadline_s=deadline_s))
+                                          deadline_s=deadline_s, machine=machine, capacity=capacity.get(name)))
     totals = {"prompt_tokens": prompt, "cached_prompt_tokens": cached, "completion_tokens": out_total}
     own = estimates[0]
     run_cost = (own.get("cost_usd") if job.spec.cost.mode == "accelerator_time"
@@ -273,11 +331,35 @@ def format_plan(p: dict[str, Any]) -> str:
             continue
         cost = f"${e['cost_usd']:.6f}" if "cost_usd" in e else "no rate"
         reps = "deadline unreachable" if e["replicas"] is None else f"{e['replicas']} replica(s)"
+        if "cluster" in e:
+            reps += (f", {'within' if e['fits_cluster'] else 'MORE than'} the {e['cluster']['max_replicas']} "
+                     f"of {e['cluster']['cluster']} ({e['cluster']['manifest']})")
         lines.append(f"    {e['profile']:<24} {e['replica_s']:,.0f} replica-s "
                      f"({e['accelerator_hours']:.4f} accelerator-h), {cost}, {reps}, wall about {e['wall_s']:,.0f} s")
+        lines.append(f"    {'':<24} {e['basis']}")
+        if e.get("warning"):
+            lines.append(f"    {'':<24} WARNING: {e['warning']}")
     lines.append(f"  estimated cost ({p['cost_mode'].replace('_', ' ')}): "
                  + (f"${p['estimated_cost_usd']:.6f}" if p["estimated_cost_usd"] is not None else "unknown"))
     for h in p["hosted_comparison"].values():
         times = f", {h['times_run_cost']:,.1f}x" if h["times_run_cost"] else ""
         lines.append(f"    at {h['description']}: ${h['cost_usd']:.6f}{times}")
     return "\n".join(lines)
+
+
+def plan_check(plan: dict[str, Any], summary: RunSummary) -> dict[str, dict[str, float | None]]:
+    """The plan's estimates against what the run did: each figure's estimate, actual and error in percent
+    (positive: the plan said more)."""
+    own = plan["profiles"][0] if plan.get("profiles") else {}
+
+    def row(estimate: float | None, actual: float | None) -> dict[str, float | None]:
+        error = (round(100 * (estimate - actual) / actual, 1) if estimate is not None and actual else None)
+        return {"estimate": None if estimate is None else round(estimate, 6), "actual": actual, "error_pct": error}
+
+    return {
+        "records": row(plan["generated"] * plan["scale"], summary.records_out),
+        "prompt_tokens": row(plan["prompt_tokens_total"], summary.prompt_tokens),
+        "output_tokens": row(plan["output_tokens"]["total"], summary.completion_tokens),
+        "wall_s": row(own.get("wall_s"), summary.wall_s),
+        "cost_usd": row(plan.get("estimated_cost_usd"), summary.cost.get("total_usd")),
+    }

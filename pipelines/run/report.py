@@ -59,9 +59,10 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> RunSumma
                         attempt=earlier.attempt if earlier else None)
     if attempts is not None:
         summary.finished_at = attempts.finished_at
-    if earlier is not None:  # what only the summary kept: the adapter, the OpenAI batch files, the drift
+    if earlier is not None:  # what only the summary kept: the adapter, the OpenAI batch files, drift, plan, budget
         summary.lora = earlier.lora
-        summary.drift = earlier.drift
+        for kept in ("drift", "plan_check", "budget", "stopped", "replay_of"):
+            setattr(summary, kept, getattr(earlier, kept))
         summary.output = summary.output.model_copy(update=earlier.output.model_dump(
             include={"output_file", "output_lines", "error_file", "error_lines"}))
     write_report(fs, root, summary, storage.resolved())
@@ -246,6 +247,19 @@ def render_html(summary: RunSummary, results: pl.LazyFrame | None) -> str:
         sections.append("<h2>By input shard</h2>" + _grid(["shard", "records", "failed", "prompt tokens", "cost"], [
             [e(k), _num(v["records"]), _num(v["failed"]), _num(v["prompt_tokens"]), _usd(v["cost_usd"])]
             for k, v in s["by_shard"].items()]))
+    if summary.plan_check:
+        sections.append("<h2>The plan against the run</h2>" + _grid(["figure", "plan", "run", "error"], [
+            [e(k), _num(v["estimate"]), _num(v["actual"]),
+             "–" if v["error_pct"] is None else f"{v['error_pct']:+.1f}%"] for k, v in summary.plan_check.items()]))
+    if summary.budget is not None:
+        b = summary.budget
+        sections.append("<h2>Budget</h2>" + _table([
+            ("cap", f"{_usd(b.max_usd) if b.max_usd is not None else '–'}, "
+                    f"{_num(b.max_output_tokens)} output tokens"),
+            ("spent", f"{_usd(b.spent_usd)}, {_num(b.spent_output_tokens)} output tokens"),
+            ("batches sent / refused", f"{_num(b.batches)} / {_num(b.batches_refused)}"),
+            ("past the cap", f"{_usd(b.overshoot_usd)} ({_num(b.overshoot_batches)} batches)"),
+            ("stopped", "yes: a higher cap resumes it" if summary.stopped else "no")]))
     drift = summary.drift
     if drift is not None and drift.previous_run is not None:
         verdict = {"passed": "passed", "gate_failed": "<b>gate failed</b>", "not_compared": "not compared"}

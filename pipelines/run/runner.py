@@ -41,6 +41,7 @@ from pipelines.run.cost import accelerator_bill, attribute_accelerator_cost
 from pipelines.run.drift import compare, previous_run
 from pipelines.run.lease import Lease
 from pipelines.run.ledger import EngineStats, ReplicaLedger, read_ledger, stop_attempt
+from pipelines.run.plan import plan_check, plan_job
 from pipelines.run.progress import Progress
 from pipelines.run.report import write_report
 from pipelines.run.summary import (
@@ -123,6 +124,16 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
 
 
 BUDGET_POLL_S = 0.5
+PLAN_SAMPLE = 512  # rows the run's own plan estimate reads: enough for its token figures, a second or two
+
+
+def plan_estimate(job: Job) -> dict | None:
+    """`tokenmill plan` on a sample of the input, for the summary's `plan_check`; never a reason to fail a run."""
+    try:
+        return plan_job(job, sample=PLAN_SAMPLE)
+    except Exception as exc:  # noqa: BLE001 - an estimate is worth a log line, not a run
+        log.warning("run %s: no plan estimate to check the run against: %s", job.spec.name, exc)
+        return None
 
 
 def start_budget(job: Job, run_id: str, out_fs, run_root: str, manifests: dict, storage: StorageOptions):
@@ -264,6 +275,8 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
     duplicates = (find_duplicates(plan, spec.id_column, spec.input.duplicate_ids, storage)
                   if spec.input.format == "parquet" and todo.shards else {})
 
+    # What `tokenmill plan` would have said, from a sample, to be checked against the run at its end.
+    estimate = plan_estimate(job) if todo.shards and not resumed else None
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     keeper = None
@@ -352,6 +365,7 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
             output_file=join(spec.output.path, run_id, "output.jsonl"), output_lines=batch["output_lines"],
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
     summary.replay_of = lineage
+    summary.plan_check = plan_check(estimate, summary) if estimate else None
     if keeper is not None and todo.shards:
         summary.budget = budget_figures(job, ray_get_state(keeper), ledger)
     # Against the previous successful night of this job under this output path; a breached gate still commits.

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`
+SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`, `plan_check`
 
 
 class QuarantinedShard(BaseModel):
@@ -193,6 +193,9 @@ class RunSummary(BaseModel):
     replay_of: ReplayOf | None = None  # a replay of another run's rejects
     stopped: Literal["budget"] | None = None  # a run that stopped before its end: the summary of what it committed
     budget: BudgetFigures | None = None  # with `budget:` in the spec
+    # `tokenmill plan`'s estimates (from a sample, made as the run started) against the run: records, tokens,
+    # wall time and cost, each {estimate, actual, error_pct}
+    plan_check: dict[str, dict[str, float | None]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""

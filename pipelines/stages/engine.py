@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import platform
 import queue
 import sys
 import threading
@@ -115,6 +116,23 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 # Flags that mean the CPU computes in bf16 itself; without them bf16 is emulated, several times slower than
 # float32 (59 against 213 output tokens/s for SmolLM2 on a 2-core AVX-512 machine without avx512_bf16).
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def this_machine(cpuinfo: str | None = None) -> str:
+    """What decides a CPU engine's speed here, as one line: the CPU model, its cores, its widest vector unit
+    and whether it has native bf16 (`tokenmill bench calibrate` records it; `tokenmill plan` compares)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
+                  if line.partition(":")[0].strip() in ("model name", "Model")), platform.machine())
+    flags = cpu_flags(cpuinfo)
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "-"
+    bf16 = "native bf16" if NATIVE_BF16_FLAGS & flags else "no native bf16"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {vector}, {bf16}"
 
 
 def engine_dtype(profile: EngineProfile, flags: set[str] | None = None) -> str:

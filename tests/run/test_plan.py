@@ -1,0 +1,84 @@
+"""`tokenmill plan` against a deadline: time-of-day deadlines, published priors for uncalibrated profiles, the
+cluster's capacity, calibrations that belong to another machine, and the plan checked against a real run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.cli.app import deadline_seconds
+from pipelines.config.load import load_engine, load_job
+from pipelines.errors import ConfigError
+from pipelines.run.plan import cluster_capacity, profile_estimate, throughput_basis
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+
+
+def test_a_deadline_is_a_time_of_day_after_the_start_or_a_duration():
+    assert deadline_seconds("06:00", "22:00") == 8 * 3600
+    assert deadline_seconds("23:30", "22:00") == 5400
+    assert deadline_seconds("90m", None) == 5400
+    now = dt.datetime(2026, 11, 30, 5, 0, tzinfo=dt.timezone.utc)
+    assert deadline_seconds("06:00", None, now=now) == 3600
+    with pytest.raises(ConfigError, match="--deadline '6 am:': expected a time of day as HH:MM"):
+        deadline_seconds("6 am:", None)
+    with pytest.raises(ConfigError, match="--start goes with a --deadline time of day"):
+        deadline_seconds("90m", "22:00")
+
+
+def test_the_kuberay_manifests_say_how_many_replicas_each_profile_can_have():
+    capacity = cluster_capacity(REPO / "infra/k8s")
+    assert capacity["llama4-scout-h100"] == {"manifest": "raycluster-llama4-scout-h100.yaml",
+                                             "cluster": "tokenmill-llama4-scout-h100", "max_replicas": 4}
+    assert set(capacity) == {"llama4-scout-h100", "llama4-maverick-h200"}
+
+
+def test_uncalibrated_llama4_profiles_are_planned_from_a_named_dated_figure(capsys):
+    """The Llama 4 profiles have no calibration: their estimates come from published figures, said so beside each
+    estimate, with the cluster's capacity for the deadline."""
+    assert main(["plan", str(CONF / "jobs/ticket_triage.yaml"), "--sample", "64", "--deadline", "06:00",
+                 "--start", "05:00", "--set", "engine=cpu-smollm2"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("llama4-scout-h100", "llama4-maverick-h200"):
+        line = next(i for i, t in enumerate(printed.splitlines()) if t.strip().startswith(name))
+        shown = printed.splitlines()[line:line + 2]
+        assert "replica(s)" in shown[0] and "of tokenmill-" + name in shown[0], shown
+        assert "published figure, not calibrated" in shown[1] and "taken 2026-11-30" in shown[1], shown
+    no_figure = [t.split()[0] for t in printed.splitlines() if "no measured throughput" in t]
+    assert no_figure == ["cpu-tiny-llama4"]  # random weights: nothing to calibrate
+    job = load_job(CONF / "jobs/ticket_triage.yaml")
+    maverick = load_engine("llama4-maverick-h200", CONF)
+    # A night of 100M records by 06:00 from 22:00 needs more replicas than the cluster's worker group holds.
+    big = profile_estimate(maverick, None, prompt=100_000_000 * 300, cached=0, output=100_000_000 * 8,
+                           deadline_s=8 * 3600, capacity={"manifest": "m", "cluster": "c", "max_replicas": 4})
+    assert big["replicas"] > 4 and big["fits_cluster"] is False and "TensorRT-LLM" in big["basis"]
+    assert job.engine.name == "cpu-smollm2"
+
+
+def test_a_calibration_from_another_machine_is_said_to_be_one():
+    profile = load_engine("cpu-smollm2", CONF)
+    _, basis, warning = throughput_basis(profile, machine=profile.cost.throughput.machine)
+    assert basis.startswith("calibrated: tokenmill bench calibrate") and warning is None
+    _, _, warning = throughput_basis(profile, machine="Intel Xeon Platinum 8480+, 2 cores, AVX-512, native bf16")
+    assert warning.startswith("calibrated on another machine (AMD EPYC, 2 cores, AVX2, no native bf16; this one is "
+                              "Intel Xeon Platinum 8480+")
+
+
+@pytest.mark.engine
+def test_every_run_checks_the_plan_against_what_it_did(review_run, capsys):
+    """The shared review run (vLLM, accelerator time) kept the plan its start made from a sample, and each
+    figure's error."""
+    check = review_run.summary["plan_check"]
+    assert set(check) == {"records", "prompt_tokens", "output_tokens", "wall_s", "cost_usd"}
+    assert check["records"]["actual"] == 80 and check["records"]["error_pct"] == 0
+    assert all(v["error_pct"] is not None for v in check.values()), check
+    with capsys.disabled():
+        print("\nplan against run (review_sentiment, vLLM): "
+              + ", ".join(f"{k} {v['error_pct']:+.1f}%" for k, v in check.items()))
+    assert "The plan against the run" in (review_run.run_dir / "report.html").read_text()
+    assert json.dumps(check)
