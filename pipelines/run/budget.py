@@ -81,7 +81,7 @@ class BudgetKeeper:
 
     def state(self) -> dict[str, Any]:
         return {"stopped": self.stopped, "in_flight": len(self.in_flight), "refused": self.refused,
-                "sent_rows": self.sent_rows,
+                "sent_rows": self.sent_rows, "settled_usd": self.settled_usd, "settled_tokens": self.settled_tokens,
                 "batches": len(self.batch_s), "spent_usd": self.spent_usd(),
                 "spent_output_tokens": self.prior_tokens + self.settled_tokens,
                 "largest_batch_usd": max(self.batch_usd, default=0.0)}

@@ -18,7 +18,7 @@ from pipelines.config.load import Job, job_snapshot
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import BudgetSpent, ConfigError, EngineError, RunAborted
 from pipelines.io.openai_batch import request_files, stage_requests, write_batch_files
-from pipelines.io.storage import filesystem_for, join
+from pipelines.io.storage import filesystem_for, join, read_json, write_json_atomic
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, check_adapter
 from pipelines.names import run_id_problem
@@ -124,6 +124,7 @@ def _open_run(job: Job, out_fs, run_root: str, run_id: str, fingerprint: str, re
 
 
 BUDGET_POLL_S = 0.5
+BUDGET_DIR = "_budget"  # one file per attempt: what its engines spent, for the next attempt's keeper
 PLAN_SAMPLE = 512  # rows the run's own plan estimate reads: enough for its token figures, a second or two
 
 
@@ -142,9 +143,17 @@ def start_budget(job: Job, run_id: str, out_fs, run_root: str, manifests: dict, 
     from pipelines.run.budget import start_keeper
 
     spec = job.spec
-    results = scan_results(committed_results(manifests), storage)
-    done = (results.select(pl.col("cost_usd").sum(), pl.col("completion_tokens").sum()).collect().row(0)
-            if results is not None else (0.0, 0))
+    # Each earlier attempt's own count of what its engines did, committed or not: a retry does not spend again
+    # what an attempt spent on shards it left uncommitted. Attempts that kept none (killed, or older) count what
+    # was committed.
+    kept = [read_json(out_fs, path) or {} for path in out_fs.find(join(run_root, BUDGET_DIR))] \
+        if out_fs.exists(join(run_root, BUDGET_DIR)) else []
+    if kept:
+        done = (sum(float(k.get("usd", 0.0)) for k in kept), sum(int(k.get("output_tokens", 0)) for k in kept))
+    else:
+        results = scan_results(committed_results(manifests), storage)
+        done = (results.select(pl.col("cost_usd").sum(), pl.col("completion_tokens").sum()).collect().row(0)
+                if results is not None else (0.0, 0))
     per_s, prior_usd = 0.0, float(done[0] or 0.0)
     if spec.cost.mode == "accelerator_time":
         rate = job.accelerator_billing()[0]
@@ -327,6 +336,10 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
                 from exc
         finally:
             stop_attempt(out_fs, run_root, attempt)  # the pool is shut down with the dataset: billing ends
+            if keeper is not None:
+                spent = ray.get(keeper.state.remote())
+                write_json_atomic(out_fs, join(run_root, BUDGET_DIR, f"{attempt}.json"), {
+                    "attempt": attempt, "usd": spent["settled_usd"], "output_tokens": spent["settled_tokens"]})
         meter.done()
     wall = time.perf_counter() - t0
     incomplete = committer.finish()
