@@ -55,19 +55,24 @@ S3_KEY, S3_SECRET = "tokenmill-test-key", "tokenmill-test-secret-do-not-print"
 S3_SPEC_KEY, S3_SPEC_SECRET = "tokenmill-spec-key", "tm-canary-spec-secret-6b86b273"
 
 
+_GIVEN: set[int] = set()  # ports handed out this session: the OS may offer a released one again
+
+
 def _free_port() -> int:
-    """A port free both itself and at +10000 (SeaweedFS puts each gRPC port there)."""
+    """A port free both itself and at +10000 (SeaweedFS puts each gRPC port there), and not handed out before
+    in this session (a Ray node's ports are chosen one call at a time, and must differ)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + 10000 > 65535:
+        if port + 10000 > 65535 or port in _GIVEN:
             continue
         with socket.socket() as s2:
             try:
                 s2.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        _GIVEN.add(port)
         return port
     raise RuntimeError("no free port pair found")
 

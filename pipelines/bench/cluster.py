@@ -94,12 +94,16 @@ def ray_head(temp: Path, args: Sequence[str], *, env: dict[str, str], ready: Cal
             time.sleep(1)
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # A head that never started may have taken its group with it: nothing to signal, and the error that
+        # says why it did not start must not be hidden behind a ProcessLookupError.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             # Ray's own graceful stop waits on every process in turn (about 30 s on 2 cores); nothing of this
             # throwaway head needs keeping, so it gets a few seconds.
             proc.wait(timeout=8)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-f", str(temp)], check=False)
         log.close()
