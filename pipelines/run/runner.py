@@ -165,12 +165,6 @@ def start_budget(job: Job, run_id: str, out_fs, run_root: str, manifests: dict, 
                         spent_tokens=int(done[1] or 0), tags={"job": spec.name, "run_id": run_id})
 
 
-def ray_get_state(keeper) -> dict:
-    import ray
-
-    return ray.get(keeper.state.remote())
-
-
 def budget_figures(job: Job, state: dict, ledger: list[dict]) -> BudgetFigures:
     """The summary's budget section; in accelerator time, spend is the replicas' billed time, as the bill is."""
     spec = job.spec
@@ -288,7 +282,7 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
     estimate = plan_estimate(job) if todo.shards and not resumed else None
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    keeper = None
+    keeper = budget_state = None
     aborted = None
     engine_rows = 0  # rows this attempt's engines generated that were committed
     if todo.shards:
@@ -336,16 +330,16 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
                 from exc
         finally:
             stop_attempt(out_fs, run_root, attempt)  # the pool is shut down with the dataset: billing ends
-            if keeper is not None:
-                spent = ray.get(keeper.state.remote())
+            if keeper is not None:  # its last word: the pool is gone, nothing more settles
+                budget_state = ray.get(keeper.state.remote())
                 write_json_atomic(out_fs, join(run_root, BUDGET_DIR, f"{attempt}.json"), {
-                    "attempt": attempt, "usd": spent["settled_usd"], "output_tokens": spent["settled_tokens"]})
+                    "attempt": attempt, "usd": budget_state["settled_usd"],
+                    "output_tokens": budget_state["settled_tokens"]})
         meter.done()
     wall = time.perf_counter() - t0
     incomplete = committer.finish()
     if aborted:
         raise RunAborted(aborted)
-    budget_state = ray_get_state(keeper) if todo.shards and keeper is not None else None
     if budget_state is not None and budget_state["stopped"]:
         spent = _stopped_summary(job, run_id, out_fs, run_root, storage, adapter=adapter, wall=wall,
                                  started_at=started_at, resumed=resumed, shards_redone=len(todo.shards),
@@ -379,8 +373,8 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
     summary.replay_of = lineage
     summary.plan_check = plan_check(estimate, summary) if estimate else None
-    if keeper is not None and todo.shards:
-        summary.budget = budget_figures(job, ray_get_state(keeper), ledger)
+    if budget_state is not None:
+        summary.budget = budget_figures(job, budget_state, ledger)
     # Against the previous successful night of this job under this output path; a breached gate still commits.
     # A replay holds only the records that failed: it is no night to compare.
     found = None if lineage else previous_run(out_fs, out_root, job=spec.name, run_id=run_id,
