@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config.load import job_from_data
 from pipelines.config.storage import StorageOptions
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError
 from pipelines.io.storage import filesystem_for, join, protocol_of, to_uri
 from pipelines.paths import REPO_CONF_DIR
 from pipelines.run.commit import read_manifests, read_run_record
@@ -109,8 +109,12 @@ def stage(rows: ReplayRows, columns: list[str], storage: StorageOptions, out_fs,
     total = 0
     for k, (shard, group) in enumerate(rows.rows.group_by("shard", maintain_order=True)):
         fs, path = filesystem_for(str(shard[0]), storage)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=columns)
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=columns)
+        except Exception as exc:  # noqa: BLE001 - gone, moved or rewritten since the run: the user's to see
+            raise InputError(f"{shard[0]}: the shard the rejected rows came from cannot be read ({exc}); "
+                             "nothing was replayed") from None
         taken = table.take(pa.array(group["row"].to_list(), pa.int64()))
         with out_fs.open(join(folder, f"part-{k:05d}.parquet"), "wb") as f:
             pq.write_table(taken, f)

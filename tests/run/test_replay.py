@@ -31,6 +31,21 @@ def test_reasons_that_can_never_succeed_are_refused_by_name(review_run, args, sa
     assert said in capsys.readouterr().err
 
 
+def test_a_shard_gone_since_the_run_is_named_and_nothing_is_staged(tmp_path):
+    import fsspec
+
+    from pipelines.config.storage import StorageOptions
+    from pipelines.errors import InputError
+    from pipelines.run.replay import ReplayRows, stage
+
+    gone = str(tmp_path / "in/part-0.parquet")
+    rows = ReplayRows(rows=pl.DataFrame({"shard": [gone], "row": [3], "id": ["T3"], "reason": ["engine"]}),
+                      reasons=("engine",))
+    with pytest.raises(InputError, match=f"{gone}: the shard the rejected rows came from cannot be read"):
+        stage(rows, ["ticket_id"], StorageOptions(), fsspec.filesystem("file"), str(tmp_path / "staged"))
+    assert list((tmp_path / "staged").glob("*.parquet")) == []
+
+
 @pytest.mark.engine
 def test_engine_rejects_are_replayed_on_vllm_and_every_id_is_answered_once(ray_cluster, model_path, tmp_path, capsys):
     """The first run's engine (the stand-in) refuses the tickets that ask it to; the replay, with the engine
