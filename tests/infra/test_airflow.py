@@ -218,6 +218,19 @@ op = tokenmill_ray.TokenmillNightOperator(task_id="t", job="ticket_triage", part
 op.submission_id = "tm-operator"
 op.on_kill()
 out["operator_job"] = status_after_stop("tm-operator")
+# How a finished night's end reaches the task: a breached gate (exit 8) and a spent budget (9) fail it without a
+# retry; any other failure (1) is raised to be retried.
+for sid, code in (("tm-gate", 8), ("tm-budget", 9), ("tm-fault", 1)):
+    said = f"tokenmill: error: run {sid}: a verdict on the night"
+    client.submit_job(entrypoint=f"python -c \"import sys; print({said!r}, file=sys.stderr); sys.exit({code})\"",
+                      submission_id=sid)
+    event = asyncio.run(first_event(tokenmill_ray.RayJobTrigger(conn_id="tokenmill_ray", submission_id=sid,
+                                                                repo=sys.argv[2], poll_s=0.5, deadline=None)))
+    try:
+        op.execute_complete({}, event)
+        out[sid] = ["returned"]
+    except Exception as exc:
+        out[sid] = [type(exc).__name__, event["exit_code"], str(exc)]
 print("STOPS " + json.dumps(out))
 """
 
@@ -225,7 +238,8 @@ print("STOPS " + json.dumps(out))
 @pytest.mark.cluster
 def test_a_killed_or_timed_out_task_stops_its_ray_job(airflow_home, ray_nodes):
     """The trigger's deadline (the task's execution_timeout) and a user's kill, in the triggerer or on the worker,
-    each stop the Ray job, on the real Jobs API, through the Connection."""
+    each stop the Ray job, on the real Jobs API, through the Connection; and a night's end fails the task without a
+    retry on a breached gate or a spent budget (the run's exit code, read from the Jobs API), with one otherwise."""
     token = auth_headers()["Authorization"].removeprefix("Bearer ")
     host, port = ray_nodes.address.removeprefix("http://").split(":")
     connection = json.dumps({"conn_type": "http", "host": host, "port": int(port), "password": token})
@@ -235,5 +249,11 @@ def test_a_killed_or_timed_out_task_stops_its_ray_job(airflow_home, ray_nodes):
                           capture_output=True, text=True, timeout=400)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("STOPS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
-    assert json.loads(lines[-1].removeprefix("STOPS ")) == {
+    out = json.loads(lines[-1].removeprefix("STOPS "))
+    assert {k: out.pop(k) for k in ("deadline_event", "deadline_job", "killed_job", "operator_job")} == {
         "deadline_event": "TIMED_OUT", "deadline_job": "STOPPED", "killed_job": "STOPPED", "operator_job": "STOPPED"}
+    # AirflowFailException fails the task at once, whatever its retries; RuntimeError is retried.
+    assert [out[k][:2] for k in ("tm-gate", "tm-budget", "tm-fault")] == [
+        ["AirflowFailException", 8], ["AirflowFailException", 9], ["RuntimeError", 1]], out
+    assert out["tm-gate"][2].startswith("tm-gate: drift gate breached, not retried. tokenmill: error: run tm-gate")
+    assert "budget spent, not retried (raise budget.max_usd" in out["tm-budget"][2]

@@ -6,6 +6,8 @@ triggerer. The cluster's address and Ray token come from an Airflow Connection
 (default `tokenmill_ray`: host and port of the Jobs API, the token as password).
 A task killed by a user stops the Ray job (the operator's and the trigger's
 `on_kill`); a task past its `execution_timeout` stops it too (the trigger's deadline).
+A night that ends on a breached drift gate or a spent budget fails the task without
+a retry; any other failure is retried (a retry resumes the night's committed shards).
 
 The module is a plugin (it goes in Airflow's plugins folder) because the triggerer
 imports the trigger by its class path, and Airflow puts the plugins folder, not the
@@ -92,7 +94,9 @@ class RayJobTrigger(BaseTrigger):
                 break
             await asyncio.sleep(self.poll_s)
         logs = await asyncio.to_thread(client.get_job_logs, self.submission_id)
-        yield TriggerEvent({"submission_id": self.submission_id, "status": status, "logs": logs[-20000:]})
+        info = await asyncio.to_thread(client.get_job_info, self.submission_id)
+        yield TriggerEvent({"submission_id": self.submission_id, "status": status, "logs": logs[-20000:],
+                            "exit_code": getattr(info, "driver_exit_code", None)})
 
     async def on_kill(self) -> None:
         client = await asyncio.to_thread(self._client)
@@ -138,11 +142,24 @@ class TokenmillNightOperator(BaseOperator):
                    method_name="execute_complete")
 
     def execute_complete(self, context, event: dict[str, Any]):
+        _repo_on_path(self.repo)
+        from pipelines.errors import BudgetSpent, GateFailed
+
         self.log.info("%s", event["logs"])
-        self.log.info("tokenmill submit: %s ended %s", event["submission_id"], event["status"])
-        if event["status"] != "SUCCEEDED":
-            raise RuntimeError(f"{event['submission_id']} ended {event['status']}; see its logs above")
-        return event["submission_id"]
+        code = event.get("exit_code")
+        self.log.info("tokenmill submit: %s ended %s%s", event["submission_id"], event["status"],
+                      f" (exit code {code})" if code is not None else "")
+        if event["status"] == "SUCCEEDED":
+            return event["submission_id"]
+        # A breached gate or a spent budget is a verdict on this night, not a fault: a retry would only reach
+        # it again, so the task fails without one, saying which, with tokenmill's own line from the logs.
+        said = next((ln for ln in reversed(event["logs"].splitlines()) if ln.startswith("tokenmill: error:")), "")
+        if code == GateFailed.exit_code:
+            raise AirflowFailException(f"{event['submission_id']}: drift gate breached, not retried. {said}")
+        if code == BudgetSpent.exit_code:
+            raise AirflowFailException(f"{event['submission_id']}: budget spent, not retried (raise budget.max_usd "
+                                       f"or budget.max_output_tokens and clear the task to resume). {said}")
+        raise RuntimeError(f"{event['submission_id']} ended {event['status']}; see its logs above")
 
     def on_kill(self) -> None:
         if self.submission_id:
