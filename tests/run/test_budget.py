@@ -97,12 +97,13 @@ def test_the_budget_stops_a_run_on_vllm_and_a_higher_cap_resumes_it(ray_cluster,
 
 def test_in_accelerator_time_the_dollar_cap_stops_the_run_within_about_a_batch(ray_cluster, model_path, tmp_path,
                                                                             capsys):
-    """On the stand-in engine (0.1 s a request, so a batch of 8 takes about 0.8 s of replica time), billed
-    as the embedded profile's 2-vCPU machine: a cap of 12 s of replica time stops it part way."""
+    """On the stand-in engine (0.25 s a request, so a batch of 8 takes 2 s of replica time), billed as the
+    embedded profile's 2-vCPU machine: a cap of 12 s of replica time stops it part way, however fast the machine,
+    since the 96 records alone take 24 s."""
     ids = _tickets(tmp_path, shards=6)
     sets = ["--set", f"input.path={tmp_path / 'in'}", "--set", f"output.path={tmp_path / 'out'}",
             "--set", "sampling.max_tokens=4", "--set", "batch_size=8", "--set", "cost.mode=accelerator_time",
-            "--engine-set", "backend=stand-in", "--engine-set", "stand_in_s_per_request=0.1",
+            "--engine-set", "backend=stand-in", "--engine-set", "stand_in_s_per_request=0.25",
             "--run-id", "dollars", "--no-progress"]
     job = load_job(JOB, overrides=["cost.mode=accelerator_time"])
     rate = job.accelerator_billing()[0]

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import S3_KEY, S3_SECRET, alive, cmdline, jobs_api, uncommitted_results, wait_gone
@@ -130,13 +131,23 @@ def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_en
             p.kill()
 
     # A second attempt at the same night while this one runs (a scheduler's retry, or a hand): once the run has
-    # results it has not committed, it is started beside it, and refused, naming the holder.
+    # results it has not committed, it is started beside it, and refused, naming the holder. The first one's
+    # driver is held (SIGSTOP) meanwhile, its lease live (60 s, renewed every 20), so that on a fast machine it
+    # cannot finish before the second one, a new Python process, has got as far as the lease.
     while not uncommitted_results(_keys(client, f"{run_dir}/")):
         assert "RUNNING" in str(api.get_job_status(sid)), api.get_job_logs(sid)[-3000:]
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "jobs.ticket_triage", "--date", NIGHT,
-                             *submit[submit.index("--set"):], "--no-progress"], env=ray_nodes.driver_env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    first = [p for p in psutil.process_iter() if "jobs.shipped" in cmdline(p)]  # (and its shell, if one is left)
+    assert first
+    for p in first:
+        p.suspend()
+    try:
+        second = subprocess.run([sys.executable, "-m", "jobs.ticket_triage", "--date", NIGHT,
+                                 *submit[submit.index("--set"):], "--no-progress"], env=ray_nodes.driver_env,
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        for p in first:
+            p.resume()
     assert second.returncode == 7, second.stderr[-3000:]
     assert "being run by " in second.stderr and f"(Ray job {sid})" in second.stderr, second.stderr[-3000:]
 
