@@ -94,7 +94,7 @@ def test_plan_run_in_accelerator_time_and_report(review_run, tmp_path, capsys):
     actual_s = summary["cost"]["replica_hours"] * 3600
     print(f"plan estimate {estimate['replica_s']:.1f} replica-s, run {actual_s:.1f} replica-s")
     if "warning" in estimate:
-        assert estimate["warning"].startswith("calibrated on another machine (AMD EPYC, 2 cores, AVX2"), estimate
+        assert estimate["warning"].startswith("calibrated on another machine ("), estimate
         assert "WARNING: calibrated on another machine" in printed
     else:
         assert abs(estimate["replica_s"] - actual_s) <= 0.30 * actual_s
