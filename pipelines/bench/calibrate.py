@@ -1,4 +1,5 @@
-"""`tokenmill bench calibrate`: an engine profile's `cost:` figures, measured on this machine.
+"""`tokenmill bench calibrate`: an engine profile's `cost:` figures, measured on this machine, and the job's
+`plan:` figure (what its model writes per record).
 
 Engine start-up; the prefill rate (work units, i.e. uncached prompt tokens, per
 second); the engine time of an output token and of a prompt token served from
@@ -121,6 +122,8 @@ def run_calibration(job_path: Path, *, overrides: Sequence[str] = (), engine_ove
     work = ((pipe["prompt_tokens"] - pipe["cached_prompt_tokens"]) + pipe["cached_prompt_tokens"] * (cached_weight or 0)
             + pipe["completion_tokens"] * decode_weight)
     cores = os.cpu_count()
+    measured = (f"tokenmill bench calibrate, {rows} prompts of {job.spec.name}, {platform.machine()} "
+                f"with {cores} cores, {engine_dtype(job.engine)}, {dt.date.today().isoformat()}")
     return {
         "pipeline": pipe,
         "startup_s": pipe["replica_s"] - pipe["busy_s"],
@@ -136,8 +139,10 @@ def run_calibration(job_path: Path, *, overrides: Sequence[str] = (), engine_ove
         "work_per_s": work_per_s,
         "cached_weight": cached_weight,
         "decode_weight": decode_weight,
-        "measured": f"tokenmill bench calibrate, {rows} prompts of {job.spec.name}, {platform.machine()} "
-                    f"with {cores} cores, {engine_dtype(job.engine)}, {dt.date.today().isoformat()}",
+        "measured": measured,
+        # What the job's model writes per record: the job's own figure, not the profile's.
+        "output_tokens_per_record": pipe["completion_tokens"] / pipe["records"] if pipe["records"] else None,
+        "job_measured": f"{measured}, on {job.engine.name} with max_tokens {job.spec.sampling.max_tokens}",
         "machine": this_machine(),
     }
 
@@ -189,4 +194,10 @@ def format_calibration(r: dict[str, Any]) -> str:
         f"      work_per_s: {r['pipeline_work_per_s']:.0f}",
         f"      measured: {r['measured']}",
         f"      machine: {r['machine']}",
+        *([] if r.get("output_tokens_per_record") is None else [
+            f"  for the job spec's plan: section ({r['pipeline']['completion_tokens']:,} output tokens over "
+            f"{r['pipeline']['records']} records):",
+            "    plan:",
+            f"      output_tokens_per_record: {r['output_tokens_per_record']:.1f}",
+            f"      measured: {r['job_measured']}"]),
     ])

@@ -350,6 +350,20 @@ class GatesSpec(BaseModel):
         "chance. The comparison is reported either way.")
 
 
+class PlanFigures(BaseModel):
+    """What `tokenmill plan` cannot know before a first night: how much the job's model writes per record.
+    `tokenmill bench calibrate JOB` measures it and prints this section. Once the job has a successful run
+    under its output path, that run's figure is used instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_tokens_per_record: float | None = Field(
+        None, gt=0, description="Mean output tokens per generated record, as measured (never above "
+        "`sampling.max_tokens`); none means the plan falls back to the task's own bound.")
+    measured: str | None = Field(
+        None, description="How, on what and when the figure was measured; shown beside every estimate made from it.")
+
+
 class JobSpec(BaseModel):
     """A whole job: `conf/jobs/<name>.yaml`."""
 
@@ -377,6 +391,8 @@ class JobSpec(BaseModel):
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="A hard spending cap (none by default).")
     gates: GatesSpec = Field(
         default_factory=GatesSpec, description="Drift gates against the previous successful run (none by default).")
+    plan: PlanFigures = Field(
+        default_factory=PlanFigures, description="Measured figures `tokenmill plan` estimates a first night from.")
     batch_size: int | None = Field(
         None, ge=1,
         description="Records per batch sent to an engine replica; default the engine's `max_num_seqs`, "

@@ -160,16 +160,24 @@ def output_estimate(job: Job, counts: dict, previous: RunSummary | None) -> dict
     """Output tokens per generated record: the bound `max_tokens` sets, and the best estimate there is."""
     n = counts["generated"]
     out: dict[str, Any] = {"upper_bound_total": counts["max_tokens_total"]}
+    cap = job.spec.sampling.max_tokens
+    measured = job.spec.plan
     if previous:
         mean = previous.completion_tokens / previous.records_out
         out.update(basis=f"observed in run {previous.run_id}", mean_per_record=round(mean, 3))
+    elif measured.output_tokens_per_record is not None:
+        # A figure measured under another max_tokens cannot pass this one's.
+        out.update(basis="the job spec's plan.output_tokens_per_record, "
+                   + (f"measured: {measured.measured}" if measured.measured else "source not given"),
+                   mean_per_record=min(measured.output_tokens_per_record, float(cap)))
     elif job.spec.task == "classify" and job.spec.classify is not None:
         tokenizer = load_tokenizer(counts["tokenizer_path"])
         # The label's tokens and the end-of-sequence token, averaged over the labels.
         sizes = [len(tokenizer(name, add_special_tokens=False)["input_ids"]) + 1 for name in job.spec.classify.names]
         out.update(basis="the labels' token lengths (constrained decoding)", mean_per_record=statistics.fmean(sizes))
     else:
-        out.update(basis="sampling.max_tokens (no earlier run to observe)",
+        out.update(basis="sampling.max_tokens, an upper bound (no earlier run to observe; "
+                         "`tokenmill bench calibrate` measures plan.output_tokens_per_record)",
                    mean_per_record=counts["max_tokens_total"] / n if n else 0.0)
     out["total"] = round(out["mean_per_record"] * n)
     return out

@@ -121,6 +121,10 @@ def test_ticket_triage_s3_to_s3(ray_cluster, s3_env, model_path, capsys):
     assert summary["completion_tokens"] == results["completion_tokens"].sum()
     assert summary["cached_prompt_tokens"] == results["cached_prompt_tokens"].sum()
     assert summary["errors_by_kind"] == {"empty_input": 2}
+    # A first night under this output path: the plan its start made took the job spec's measured output figure
+    # (held to this run's max_tokens), not the bound, and was within 20% of what the engine wrote.
+    check = summary["plan_check"]["output_tokens"]
+    assert check["actual"] == summary["completion_tokens"] and abs(check["error_pct"]) <= 20, check
     # What the same tokens would have cost at each dated hosted price in the book.
     mini = summary["hosted_comparison"]["openai-batch-gpt-4o-mini"]
     assert mini["cost_usd"] == pytest.approx((summary["prompt_tokens"] * 0.075 + summary["completion_tokens"] * 0.30)

@@ -4,10 +4,12 @@ cluster's capacity, calibrations that belong to another machine, and the plan ch
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
 
+from pipelines.bench.calibrate import format_calibration
 from pipelines.cli import main
 from pipelines.cli.app import deadline_seconds
 from pipelines.config.load import load_engine, load_job
@@ -68,6 +70,39 @@ def test_a_calibration_from_another_machine_is_said_to_be_one():
     _, _, warning = throughput_basis(profile, machine="Intel Xeon Platinum 8480+, 2 cores, AVX-512, native bf16")
     assert warning.startswith("calibrated on another machine (AMD EPYC, 2 cores, AVX2, no native bf16; this one is "
                               "Intel Xeon Platinum 8480+")
+
+
+def test_a_first_night_is_planned_from_the_jobs_measured_output_figure(tmp_path, model_path):
+    """With no earlier run, free text has only max_tokens to go by, an upper bound, unless the job spec carries the
+    figure `tokenmill bench calibrate` measured; a figure above this run's max_tokens is held to it."""
+    def plan(*sets: str) -> dict:
+        out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+        args = ["--set", f"output.path={tmp_path / 'out'}", *[a for kv in sets for a in ("--set", kv)]]
+        assert main(["plan", str(CONF / "jobs/ticket_triage.yaml"), "--sample", "32", *args, "--json", str(out)]) == 0
+        return json.loads(out.read_text())["output_tokens"]
+
+    bound = plan("plan.output_tokens_per_record=null")
+    assert bound["basis"].startswith("sampling.max_tokens, an upper bound") and bound["mean_per_record"] == 48
+    measured = plan("plan.output_tokens_per_record=31.5", "plan.measured=calibrated here")
+    assert measured["mean_per_record"] == 31.5 and measured["total"] == round(31.5 * 300)
+    assert measured["basis"] == "the job spec's plan.output_tokens_per_record, measured: calibrated here"
+    assert plan("plan.output_tokens_per_record=31.5", "sampling.max_tokens=16")["mean_per_record"] == 16
+    assert load_job(CONF / "jobs/ticket_triage.yaml").spec.plan.measured.startswith("tokenmill bench calibrate")
+
+
+def test_calibration_prints_the_jobs_plan_section():
+    r = {"engine": "cpu-smollm2", "rows": 256, "job": "ticket_triage", "prompt_tokens": 25_600, "engine_start_s": 9.0,
+         "passes": {k: {"seconds": 1.0, "cached_tokens": 0} for k in ("prefill", "again", "decode", "cold", "warm")},
+         "work_per_s": 500.0, "block_size": 128, "decode_tokens": 32, "decode_weight": 2.5, "cached_weight": 0.01,
+         "pipeline": {"records": 256, "replica_s": 80.0, "busy_s": 44.0, "engine_start_s": 9.0,
+                      "completion_tokens": 10_112},
+         "startup_s": 36.0, "pipeline_work_per_s": 466.0, "measured": "m", "machine": "here",
+         "output_tokens_per_record": 10_112 / 256, "job_measured": "m, on cpu-smollm2 with max_tokens 48"}
+    printed = format_calibration(r).splitlines()
+    at = printed.index("    plan:")
+    assert printed[at - 1] == "  for the job spec's plan: section (10,112 output tokens over 256 records):"
+    assert printed[at + 1:] == ["      output_tokens_per_record: 39.5",
+                                "      measured: m, on cpu-smollm2 with max_tokens 48"]
 
 
 @pytest.mark.engine
