@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.config import load_job
@@ -64,7 +65,7 @@ def test_the_budget_stops_a_run_on_vllm_and_a_higher_cap_resumes_it(ray_cluster,
     ids = _tickets(tmp_path, shards=6, per_shard=8)
     sets = ["--set", f"input.path={tmp_path / 'in'}", "--set", f"output.path={tmp_path / 'out'}",
             "--set", "sampling.max_tokens=16", "--set", "sampling.ignore_eos=true", "--set", "batch_size=8",
-            "--run-id", "capped", "--no-progress"]
+            "--run-id", "capped", "--no-progress", *QUICK_START_ARGS]
     assert main(["run", str(JOB), *sets, "--set", "budget.max_output_tokens=300"]) == 9
     said = capsys.readouterr().err
     assert "stopped: budget.max_output_tokens reached" in said and "raise the cap" in said, said[-2000:]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.config.job import GatesSpec
@@ -74,7 +75,8 @@ def test_an_unshifted_night_passes_and_a_shifted_one_trips_the_gate(review_run, 
         capsys.readouterr()
         code = main(["run", str(JOB), *review_run.sets, "--set", f"input.path={tmp_path / folder}",
                      "--set", f"cache.path={tmp_path / 'cache'}", "--set", "gates.label_psi_max=0.1",
-                     "--set", "gates.fill_rate_drop_max=0.1", "--run-id", run_id, "--no-progress"])
+                     "--set", "gates.fill_rate_drop_max=0.1", "--run-id", run_id, "--no-progress",
+                     *QUICK_START_ARGS])
         out = capsys.readouterr()
         run_dir = review_run.root / "out" / run_id
         return code, json.loads((run_dir / "summary.json").read_text()), out.out + out.err

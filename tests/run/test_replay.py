@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICK_START_ARGS
 
 from pipelines.cli import main
 from pipelines.stages.standin import REFUSE
@@ -62,8 +63,8 @@ def test_engine_rejects_are_replayed_on_vllm_and_every_id_is_answered_once(ray_c
     assert first["errors_by_kind"] == {"engine": 6} and first["records_rejected"] == 6
     capsys.readouterr()
 
-    assert main(["rejects", "replay", str(tmp_path / "out/night"), "--set", "engine=cpu-smollm2", "--no-progress"]
-                ) == 0
+    assert main(["rejects", "replay", str(tmp_path / "out/night"), "--set", "engine=cpu-smollm2", "--no-progress",
+                 *QUICK_START_ARGS]) == 0
     assert "replay of" in capsys.readouterr().out
     [replayed] = list((tmp_path / "out").glob("night-replay-*/summary.json"))
     second = json.loads(replayed.read_text())
