@@ -212,6 +212,8 @@ def format_summary(summary: RunSummary) -> str:
     if summary.plan_check:
         rows.append(("plan error", ", ".join(f"{k} {v['error_pct']:+.0f}%" for k, v in summary.plan_check.items()
                                              if v["error_pct"] is not None) or "-"))
+        if summary.plan_warning:
+            rows.append(("", f"(the plan's wall time and cost: {summary.plan_warning})"))
     if summary.budget is not None:
         b = summary.budget
         rows.append(("budget", f"spent ${b.spent_usd:.6f} and {b.spent_output_tokens:,} output tokens of "

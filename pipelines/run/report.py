@@ -61,7 +61,7 @@ def rebuild(run_path: str, *, storage: StorageOptions | None = None) -> RunSumma
         summary.finished_at = attempts.finished_at
     if earlier is not None:  # what only the summary kept: the adapter, the OpenAI batch files, drift, plan, budget
         summary.lora = earlier.lora
-        for kept in ("drift", "plan_check", "budget", "stopped", "replay_of"):
+        for kept in ("drift", "plan_check", "plan_warning", "budget", "stopped", "replay_of"):
             setattr(summary, kept, getattr(earlier, kept))
         summary.output = summary.output.model_copy(update=earlier.output.model_dump(
             include={"output_file", "output_lines", "error_file", "error_lines"}))
@@ -250,7 +250,8 @@ def render_html(summary: RunSummary, results: pl.LazyFrame | None) -> str:
     if summary.plan_check:
         sections.append("<h2>The plan against the run</h2>" + _grid(["figure", "plan", "run", "error"], [
             [e(k), _num(v["estimate"]), _num(v["actual"]),
-             "–" if v["error_pct"] is None else f"{v['error_pct']:+.1f}%"] for k, v in summary.plan_check.items()]))
+             "–" if v["error_pct"] is None else f"{v['error_pct']:+.1f}%"] for k, v in summary.plan_check.items()])
+            + (f"<p>The plan's wall time and cost: {e(summary.plan_warning)}</p>" if summary.plan_warning else ""))
     if summary.budget is not None:
         b = summary.budget
         sections.append("<h2>Budget</h2>" + _table([

@@ -373,6 +373,11 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
             error_file=join(spec.output.path, run_id, "errors.jsonl"), error_lines=batch["error_lines"]))
     summary.replay_of = lineage
     summary.plan_check = plan_check(estimate, summary) if estimate else None
+    if estimate and estimate.get("profiles"):
+        own = estimate["profiles"][0]
+        prior = own.get("basis", "").startswith("published figure")
+        summary.plan_warning = (own.get("warning") or (own.get("note") if "wall_s" not in own else None)
+                                or (own["basis"] if prior else None))
     if budget_state is not None:
         summary.budget = budget_figures(job, budget_state, ledger)
     # Against the previous successful night of this job under this output path; a breached gate still commits.

@@ -196,6 +196,8 @@ class RunSummary(BaseModel):
     # `tokenmill plan`'s estimates (from a sample, made as the run started) against the run: records, tokens,
     # wall time and cost, each {estimate, actual, error_pct}
     plan_check: dict[str, dict[str, float | None]] | None = None
+    # Why that estimate may not hold: its figures were calibrated on another machine, or never measured
+    plan_warning: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """As written to `summary.json` (and printed by `tokenmill run --json`)."""

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.bench.calibrate import format_calibration
 from pipelines.cli import main
-from pipelines.cli.app import deadline_seconds
+from pipelines.cli.app import deadline_seconds, format_summary
 from pipelines.config.load import load_engine, load_job
 from pipelines.errors import ConfigError
 from pipelines.run.plan import cluster_capacity, profile_estimate, throughput_basis
@@ -119,3 +119,9 @@ def test_every_run_checks_the_plan_against_what_it_did(review_run, capsys):
               + ", ".join(f"{k} {v['error_pct']:+.1f}%" for k, v in check.items()))
     # (The run's own report.html may since have been rebuilt by test_cost_report, without it: render it again.)
     assert "The plan against the run" in render_html(RunSummary.model_validate(review_run.summary), None)
+    # Where the profile's calibration is another machine's, the run says so beside the plan's errors.
+    _, _, warning = throughput_basis(load_engine("cpu-smollm2", CONF))
+    assert review_run.summary["plan_warning"] == warning
+    told = RunSummary.model_validate({**review_run.summary, "plan_warning": "calibrated on another machine (X)"})
+    assert "The plan's wall time and cost: calibrated on another machine (X)" in render_html(told, None)
+    assert "(the plan's wall time and cost: calibrated on another machine (X))" in format_summary(told)
