@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 3  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`, `plan_check`
+SUMMARY_SCHEMA_VERSION = 4  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`, `plan_check`; 4: `plan_warning`
 
 
 class QuarantinedShard(BaseModel):
