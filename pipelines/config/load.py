@@ -43,6 +43,10 @@ class Job:
                               f"{self.engine.name!r} and its accelerator's hourly rate in the price book")
         return self.accelerator_price, self.engine.cost
 
+    def usd_per_replica_s(self) -> float:
+        """What one replica costs per second of its life in `cost.mode: accelerator_time`."""
+        return self.accelerator_billing()[0].usd_per_hour * self.engine.billed_units / 3600
+
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():

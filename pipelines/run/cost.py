@@ -135,12 +135,12 @@ def cache_lines(job: Job, totals: dict, cost: dict[str, Any]) -> dict[str, Any] 
     if job.spec.cost.mode == "per_token":
         saved = tokens_cost(prompt, cached, output, job.price)
     else:
-        rate, w = job.accelerator_billing()
+        _, w = job.accelerator_billing()
         work = (prompt - cached) + w.cached_weight * cached + w.decode_weight * output
         if totals["work_units"]:
             saved = work * cost["compute_usd"] / totals["work_units"]
         elif w.throughput:  # nothing generated: the profile's measured rate
-            saved = work / w.throughput.work_per_s * rate.usd_per_hour * job.engine.billed_units / 3600
+            saved = work / w.throughput.work_per_s * job.usd_per_replica_s()
         else:
             saved = None
     return {"path": job.spec.cache.path if job.spec.cache else None, "records": n,

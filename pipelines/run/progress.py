@@ -27,10 +27,9 @@ class Progress:
     def accrued_usd(self) -> float:
         if self.job.spec.cost.mode == "per_token":
             return self.token_usd
-        rate, _ = self.job.accelerator_billing()
         now = time.time()
         seconds = sum((e.get("stopped_at") or now) - e["created_at"] for e in read_ledger(self.fs, self.run_root))
-        return seconds * rate.usd_per_hour * self.job.engine.billed_units / 3600
+        return seconds * self.job.usd_per_replica_s()
 
     def add(self, written: dict) -> None:
         self.records += written["results_rows"] + written["rejects_rows"]

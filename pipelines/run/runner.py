@@ -157,7 +157,7 @@ def start_budget(job: Job, run_id: str, out_fs, run_root: str, manifests: dict, 
     per_s, prior_usd = 0.0, float(done[0] or 0.0)
     if spec.cost.mode == "accelerator_time":
         rate = job.accelerator_billing()[0]
-        per_s = rate.usd_per_hour * job.engine.billed_units / 3600
+        per_s = job.usd_per_replica_s()
         prior_usd = accelerator_bill(EngineStats.from_ledger(read_ledger(out_fs, run_root)), rate,
                                      job.engine.billed_units)["total_usd"]
     return start_keeper(max_usd=spec.budget.max_usd, max_output_tokens=spec.budget.max_output_tokens,

@@ -107,8 +107,7 @@ def test_in_accelerator_time_the_dollar_cap_stops_the_run_within_about_a_batch(r
             "--engine-set", "backend=stand-in", "--engine-set", "stand_in_s_per_request=0.25",
             "--run-id", "dollars", "--no-progress"]
     job = load_job(JOB, overrides=["cost.mode=accelerator_time"])
-    rate = job.accelerator_billing()[0]
-    per_s = rate.usd_per_hour * job.engine.billed_units / 3600
+    per_s = job.usd_per_replica_s()
     cap = round(per_s * 12, 9)
     assert main(["run", str(JOB), *sets, "--set", f"budget.max_usd={cap}"]) == 9
     summary = json.loads((tmp_path / "out/dollars/summary.json").read_text())
