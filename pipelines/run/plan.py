@@ -212,7 +212,7 @@ def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, 
     est: dict[str, Any] = {"profile": profile.name, "model": profile.display_model, "device": profile.device}
     found = throughput_basis(profile, machine)
     if found is None:
-        est["note"] = "no measured throughput (run `tokenmill bench calibrate` with this profile)"
+        est["note"] = est["caveat"] = "no measured throughput (run `tokenmill bench calibrate` with this profile)"
         return est
     t, basis, warning = found
     c = profile.cost
@@ -220,6 +220,8 @@ def profile_estimate(profile: EngineProfile, rate, *, prompt: int, cached: int, 
     est["basis"] = basis
     if warning:
         est["warning"] = warning
+    # Why its wall time and cost may not hold, for a run's summary to say beside their errors.
+    est["caveat"] = warning or (basis if t is c.prior else None)
     work = (prompt - cached) + cached * c.cached_weight + output * c.decode_weight
     busy_s = work / t.work_per_s
     replicas: int | None = 1

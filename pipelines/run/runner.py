@@ -374,10 +374,7 @@ def _run_attempt(job: Job, *, run_id: str, out_root: str, run_root: str, out_fs,
     summary.replay_of = lineage
     summary.plan_check = plan_check(estimate, summary) if estimate else None
     if estimate and estimate.get("profiles"):
-        own = estimate["profiles"][0]
-        prior = own.get("basis", "").startswith("published figure")
-        summary.plan_warning = (own.get("warning") or (own.get("note") if "wall_s" not in own else None)
-                                or (own["basis"] if prior else None))
+        summary.plan_warning = estimate["profiles"][0].get("caveat")
     if budget_state is not None:
         summary.budget = budget_figures(job, budget_state, ledger)
     # Against the previous successful night of this job under this output path; a breached gate still commits.
