@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.errors import ConfigError
-from pipelines.io.storage import join, read_json, write_json_atomic
+from pipelines.io.storage import join, read_json, to_uri, write_json_atomic
 from pipelines.run.lease import Lease
 from pipelines.stages.read import InputPlan
 
@@ -167,6 +167,11 @@ def _check_own_files(run_root: str, where: str, manifest: Manifest) -> None:
 def committed_results(manifests: dict[str, Manifest]) -> list[str]:
     """The results files of the committed shards."""
     return sorted(f for m in manifests.values() if m.state == "committed" for f in m.results)
+
+
+def reject_uris(manifests: dict[str, Manifest], protocol: str) -> list[str]:
+    """Every manifest's rejects files (a quarantined shard's marker among them), as `protocol` URIs."""
+    return sorted(to_uri(f, protocol) for m in manifests.values() for f in m.rejects)
 
 
 def _run_files(fs, run_root: str) -> set[str]:

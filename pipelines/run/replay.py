@@ -25,7 +25,7 @@ from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError, InputError
 from pipelines.io.storage import filesystem_for, join, protocol_of, to_uri
 from pipelines.paths import REPO_CONF_DIR
-from pipelines.run.commit import read_manifests, read_run_record
+from pipelines.run.commit import read_manifests, read_run_record, reject_uris
 from pipelines.run.runner import run_job
 from pipelines.run.summary import ReplayOf, RunSummary, scan_results
 from pipelines.schema import Reason
@@ -145,9 +145,7 @@ def replay(run_path: str, *, reasons: Sequence[str] | None = None, run_id: str |
                           engine_overrides=engine_overrides)
     storage = probe.spec.storage.resolved()
     manifests = read_manifests(fs, root)
-    protocol = protocol_of(run_path)
-    reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m.rejects)
-    chosen = rejected_rows(reject_files, storage, probe.spec.id_column, reasons)
+    chosen = rejected_rows(reject_uris(manifests, protocol_of(run_path)), storage, probe.spec.id_column, reasons)
 
     new_id = run_id or f"{record.run_id}-replay-" + hashlib.sha1(",".join(chosen.reasons).encode()).hexdigest()[:6]
     out_fs, out_root = filesystem_for(probe.spec.output.path, storage)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from pipelines.config.load import Job
 from pipelines.config.storage import StorageOptions
 from pipelines.io.storage import join, protocol_of, to_uri, write_json_atomic
-from pipelines.run.commit import Manifest, read_record
+from pipelines.run.commit import Manifest, read_record, reject_uris
 from pipelines.run.cost import cache_lines, cost_lines, hosted_comparison
 from pipelines.schema import LABEL_PROBABILITY_FIELD, task_fields
 
@@ -411,7 +411,7 @@ def summarize(job: Job, run_id: str, manifests: dict[str, Manifest], storage: St
     quarantined = [QuarantinedShard(path=m.path, reason=m.reason, message=m.message) for m in manifests.values()
                    if m.state == "quarantined"]
     files = sorted(to_uri(f, protocol) for m in committed for f in m.results)
-    reject_files = sorted(to_uri(f, protocol) for m in manifests.values() for f in m.rejects)
+    reject_files = reject_uris(manifests, protocol)
     results = scan_results(files, storage, with_file=True)
     totals = result_totals(results, spec.id_column)
     rejects = reject_totals(scan_results(reject_files, storage))
