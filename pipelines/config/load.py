@@ -235,18 +235,23 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 SECRET_MASK = str(SecretStr("x"))  # how pydantic writes a `SecretStr`: "**********"
 
 
-def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
-    """The job a run was started with (`job_snapshot`)."""
-    rate = snapshot.get("accelerator_price")
-    spec, engine = dict(snapshot["spec"]), dict(snapshot["engine"])
-    # Masked values were never kept: the rebuilt job goes without them.
-    storage = dict(spec.get("storage") or {})
+def unmasked_storage(storage: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's `storage:` without what was masked in it, which was never kept: the job rebuilt from it reads
+    with the environment's credentials."""
+    storage = dict(storage)
     storage["extra"] = {k: v for k, v in (storage.get("extra") or {}).items() if v != MASKED}
     # Keys are dumped as pydantic masks them; taken back as they are, the mask would be sent as the key.
     for key in ("access_key_id", "secret_access_key", "session_token"):
         if storage.get(key) == SECRET_MASK:
             storage[key] = None
-    spec["storage"] = storage
+    return storage
+
+
+def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
+    """The job a run was started with (`job_snapshot`)."""
+    rate = snapshot.get("accelerator_price")
+    spec, engine = dict(snapshot["spec"]), dict(snapshot["engine"])
+    spec["storage"] = unmasked_storage(spec.get("storage") or {})
     engine["env"] = {k: v for k, v in (engine.get("env") or {}).items() if v != MASKED}
     return Job(spec=JobSpec.model_validate(spec), engine=EngineProfile.model_validate(engine),
                price=ModelPrice.model_validate(snapshot["price"]), spec_path=Path(snapshot["spec_path"]),

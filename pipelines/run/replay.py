@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config.load import job_from_data
+from pipelines.config.load import job_from_data, unmasked_storage
 from pipelines.config.storage import StorageOptions
 from pipelines.errors import ConfigError, InputError
 from pipelines.io.storage import filesystem_for, join, protocol_of, to_uri
@@ -136,9 +136,7 @@ def replay(run_path: str, *, reasons: Sequence[str] | None = None, run_id: str |
     if spec["input"].get("format") == "openai_batch":
         raise ConfigError(f"{run_path}: replaying OpenAI batch input is not supported; resubmit the failed lines "
                           "from errors.jsonl as a new batch file")
-    # Credentials were never kept (masked): the replay reads with the environment's.
-    spec["storage"] = {k: v for k, v in (spec.get("storage") or {}).items()
-                       if k not in ("access_key_id", "secret_access_key", "session_token", "extra")}
+    spec["storage"] = unmasked_storage(spec.get("storage") or {})
     conf = Path(snapshot["conf_dir"]) if Path(snapshot["conf_dir"], "engines").is_dir() else REPO_CONF_DIR
     source = Path(snapshot.get("spec_path") or "replay.yaml")
     probe = job_from_data(dict(spec), source=source, overrides=overrides, conf_dir=conf,
