@@ -244,8 +244,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"lease.wait_s={args.wait}"] if args.wait else [])]
     job = load_job(args.job, overrides=overrides, conf_dir=args.conf_dir, partition=args.date,
                    engine_overrides=args.engine_overrides)
-    summary = run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume)
-    if args.json:
+    return _finished_run(run_job(job, run_id=args.run_id, progress=not args.no_progress, resume=args.resume),
+                         as_json=args.json)
+
+
+def _finished_run(summary: RunSummary, *, as_json: bool) -> int:
+    """Print a run's summary; its exit code (a breached drift gate raises GateFailed)."""
+    if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
         print("\ntokenmill run summary\n" + format_summary(summary))
@@ -416,13 +421,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_rejects(args: argparse.Namespace) -> int:
     from pipelines.run.replay import replay
 
-    summary = replay(args.run_path, reasons=args.reasons, run_id=args.run_id, overrides=args.overrides,
-                     engine_overrides=args.engine_overrides, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        print("\ntokenmill run summary\n" + format_summary(summary))
-    return 0 if summary.records_out + summary.records_rejected == summary.records_in else 1
+    return _finished_run(replay(args.run_path, reasons=args.reasons, run_id=args.run_id, overrides=args.overrides,
+                                engine_overrides=args.engine_overrides, progress=not args.no_progress),
+                         as_json=args.json)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
