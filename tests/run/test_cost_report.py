@@ -87,8 +87,10 @@ def test_plan_run_in_accelerator_time_and_report(review_run, tmp_path, capsys):
     assert plan["rejects"] == {"empty_input": 1, "duplicate_id": 1}
     assert sum(plan["rejects"].values()) == summary["records_rejected"]
     assert plan["prompt_tokens_total"] == summary["prompt_tokens"] == results["prompt_tokens"].sum()
-    # Its accelerator time is close to what the run's replica took, where the profile was calibrated on this
-    # machine; calibrated on another (CI's machines differ from run to run), the plan says so instead.
+    # Where the profile was calibrated on this machine, its accelerator time is of the order of what the run's
+    # replica took (a factor of 2 either way: this is a test, not a timing, and the suite runs beside other
+    # tests; how close the estimates come is measured by `tokenmill bench calibrate`, docs/cost.md).
+    # Calibrated on another machine (CI's differ from run to run), the plan says so instead.
     estimate = plan["profiles"][0]
     assert estimate["profile"] == "cpu-smollm2" and estimate["replicas"] == 1
     actual_s = summary["cost"]["replica_hours"] * 3600
@@ -97,7 +99,7 @@ def test_plan_run_in_accelerator_time_and_report(review_run, tmp_path, capsys):
         assert estimate["warning"].startswith("calibrated on another machine ("), estimate
         assert "WARNING: calibrated on another machine" in printed
     else:
-        assert abs(estimate["replica_s"] - actual_s) <= 0.30 * actual_s
+        assert actual_s / 2 <= estimate["replica_s"] <= 2 * actual_s
 
     # The engine core in a process of its own (the profile's default): the replica's ledger keeps its memory
     # apart from the actor's.

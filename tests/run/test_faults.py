@@ -89,9 +89,11 @@ def make_input(client, prefix: str, good_shards: int = 6, rows: int = 10) -> dic
 def overrides(prefix: str, run: str, *, stand_in: bool = False) -> list[str]:
     """The run's arguments; `stand_in`: the stand-in engine at a pace that leaves time to strike mid-run, for
     faults of the driver (the engine is not what they test; `test_engine_and_actor_killed_mid_run` is on vLLM)."""
-    # A killed driver's lease lives on for its ttl: a short one, and a wait, let the next driver take it over.
+    # A killed driver's lease lives on for its ttl: a short one, and a wait, let the next driver take it over. Not
+    # shorter: a renewal (every ttl/3) is a conditional write to the store, and on a loaded machine one has taken
+    # over 3 s.
     sets = [f"input.path=s3://{BUCKET}/{prefix}/", f"output.path=s3://{BUCKET}/out/", "sampling.max_tokens=12",
-            "batch_size=4", "failures.max_share=0.5", "lease.ttl_s=3", "lease.wait_s=30"]
+            "batch_size=4", "failures.max_share=0.5", "lease.ttl_s=8", "lease.wait_s=60"]
     engine = ["--set", "engine=stand-in", "--engine-set", "stand_in_s_per_request=0.05"] if stand_in else []
     return ["--run-id", run, "--no-progress", *[a for s in sets for a in ("--set", s)], *engine]
 
