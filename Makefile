@@ -55,17 +55,21 @@ $(AIRFLOW_VENV)/.installed: infra/airflow/requirements.txt
 
 airflow: $(AIRFLOW_VENV)/.installed
 
+# The suite on TEST_WORKERS pytest-xdist workers, each test group whole on one (tests/conftest.py says why).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS)
+
 # The import contract (pyproject's [tool.importlinter]) and the type checker first: each fails in seconds.
 test: model browser airflow
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # What needs no vLLM engine: the contracts, the type checker and the tests marked neither `engine` nor `cluster`.
 test-fast: model
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -m "not engine and not cluster"
+	$(PY) -m pytest $(XDIST) -m "not engine and not cluster"
 
 bench: model
 	$(VENV)/bin/tokenmill bench throughput

@@ -393,13 +393,82 @@ def ray_nodes(_ray_nodes):
     return _ray_nodes
 
 
+# `make test` runs the suite on two pytest-xdist workers: serially, the suite leaves about 40% of the 2 cores idle
+# (process starts, imports, heartbeats, leases, S3). Each group of tests runs whole on one worker, so that an
+# expensive session fixture is set up once: the multi-node cluster's tests are one group, the tests reading the
+# shared review run another, and every other module its own (its module fixtures, once). xdist's own groups
+# (`xdist_group`) do not reach its scheduler under pytest 9 (they rename `item._nodeid`, which pytest 9 no
+# longer reads), so the workers write each test's group to a file, and the scheduler (`GroupScheduling`)
+# reads it once every worker has collected.
+GROUP_NODES, GROUP_REVIEW = "ray_nodes", "review_run"
+GROUPS_FILE = "TOKENMILL_TEST_GROUPS"
+
+
+def _group(item) -> str:
+    names = getattr(item, "fixturenames", ())
+    if "ray_nodes" in names:
+        return GROUP_NODES
+    if "review_run" in names:
+        return GROUP_REVIEW
+    return item.nodeid.split("::", 1)[0]
+
+
+def pytest_configure(config):
+    """On the controller of a distributed run: the file where the workers will write the groups."""
+    if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
+        fd, path = tempfile.mkstemp(prefix="tokenmill-test-groups-", suffix=".json")
+        os.close(fd)
+        os.environ[GROUPS_FILE] = path  # the workers are started after this, with this environment
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get(GROUPS_FILE):
+        Path(os.environ.pop(GROUPS_FILE)).unlink(missing_ok=True)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler by scope, a scope being a test's group (`_group`), in the order the workers collected."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = json.loads(Path(os.environ[GROUPS_FILE]).read_text() or "{}")
+            return self.groups.get(nodeid, nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The tests on the multi-node cluster run last, one after the other, so that its processes share the
-    machine with no other test's, and it is started once for all of them."""
-    on_nodes = [item for item in items if "ray_nodes" in getattr(item, "fixturenames", ())]
-    # The one that loses a node goes last: no test after it waits for the node to be started again.
+    """The multi-node cluster's tests run one after the other, the one that loses a node last (no test after it
+    waits for the node to be started again).
+
+    Alone, they run last, so that the cluster's processes share the machine with no other test's. On xdist's
+    workers, the groups are queued longest first, as far as that is known: the cluster's, then those that start
+    a vLLM engine, then the rest, so that no long group is left to run alone at the end.
+
+    A test that reads the shared review run is marked `engine`: the fixture starts one."""
+    for item in items:
+        if _group(item) == GROUP_REVIEW:  # the shared review run starts a vLLM engine: not for `-m "not engine"`
+            item.add_marker(pytest.mark.engine)
+    on_nodes = [item for item in items if _group(item) == GROUP_NODES]
     on_nodes.sort(key=lambda item: item.get_closest_marker("loses_a_node") is not None)
-    items[:] = [item for item in items if item not in on_nodes] + on_nodes
+    rest = [item for item in items if item not in on_nodes]
+    if not hasattr(config, "workerinput"):
+        items[:] = rest + on_nodes
+        return
+    engine_groups = {_group(item) for item in rest if item.get_closest_marker("engine")}
+    rest.sort(key=lambda item: _group(item) not in engine_groups)  # stable: the collection's order otherwise
+    items[:] = on_nodes + rest
+    # Every worker collects the same tests: the first to get here writes the groups.
+    path = Path(os.environ[GROUPS_FILE])
+    if not path.stat().st_size:
+        part = path.with_name(f"{path.name}.{config.workerinput['workerid']}")
+        part.write_text(json.dumps({item.nodeid: _group(item) for item in items}))
+        part.replace(path)
 
 
 def cmdline(p) -> str:
