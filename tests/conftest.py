@@ -447,8 +447,9 @@ def pytest_collection_modifyitems(session, config, items):
     waits for the node to be started again).
 
     Alone, they run last, so that the cluster's processes share the machine with no other test's. On xdist's
-    workers, the groups are queued longest first, as far as that is known: the cluster's, then those that start
-    a vLLM engine, then the rest, so that no long group is left to run alone at the end.
+    workers, the groups are queued longest first, as far as that is known: the cluster's, then the others by
+    how many of their tests start an engine or whole runs, so that no long group is left to run alone at the
+    end.
 
     A test that reads the shared review run is marked `engine`: the fixture starts one."""
     for item in items:
@@ -460,8 +461,12 @@ def pytest_collection_modifyitems(session, config, items):
     if not hasattr(config, "workerinput"):
         items[:] = rest + on_nodes
         return
-    engine_groups = {_group(item) for item in rest if item.get_closest_marker("engine")}
-    rest.sort(key=lambda item: _group(item) not in engine_groups)  # stable: the collection's order otherwise
+    # Longest first, roughly: by how many tests of the group start an engine or whole runs.
+    heavy: dict[str, int] = {}
+    for item in rest:
+        if item.get_closest_marker("engine") or item.get_closest_marker("cluster"):
+            heavy[_group(item)] = heavy.get(_group(item), 0) + 1
+    rest.sort(key=lambda item: -heavy.get(_group(item), 0))  # stable: the collection's order otherwise
     items[:] = on_nodes + rest
     # Every worker collects the same tests: the first to get here writes the groups.
     path = Path(os.environ[GROUPS_FILE])
