@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray cluster and one S3-compatible server for the whole session."""
+"""Shared fixtures: one Ray cluster and one S3-compatible server for each pytest session (each xdist worker's)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -452,27 +453,26 @@ def pytest_collection_modifyitems(session, config, items):
     end.
 
     A test that reads the shared review run is marked `engine`: the fixture starts one."""
+    group = {item.nodeid: _group(item) for item in items}
     for item in items:
-        if _group(item) == GROUP_REVIEW:  # the shared review run starts a vLLM engine: not for `-m "not engine"`
+        if group[item.nodeid] == GROUP_REVIEW:  # the shared review run starts a vLLM engine: not for `-m "not engine"`
             item.add_marker(pytest.mark.engine)
-    on_nodes = [item for item in items if _group(item) == GROUP_NODES]
+    on_nodes = [item for item in items if group[item.nodeid] == GROUP_NODES]
     on_nodes.sort(key=lambda item: item.get_closest_marker("loses_a_node") is not None)
-    rest = [item for item in items if item not in on_nodes]
+    rest = [item for item in items if group[item.nodeid] != GROUP_NODES]
     if not hasattr(config, "workerinput"):
         items[:] = rest + on_nodes
         return
     # Longest first, roughly: by how many tests of the group start an engine or whole runs.
-    heavy: dict[str, int] = {}
-    for item in rest:
-        if item.get_closest_marker("engine") or item.get_closest_marker("cluster"):
-            heavy[_group(item)] = heavy.get(_group(item), 0) + 1
-    rest.sort(key=lambda item: -heavy.get(_group(item), 0))  # stable: the collection's order otherwise
+    heavy = Counter(group[item.nodeid] for item in rest
+                    if item.get_closest_marker("engine") or item.get_closest_marker("cluster"))
+    rest.sort(key=lambda item: -heavy[group[item.nodeid]])  # stable: the collection's order otherwise
     items[:] = on_nodes + rest
     # Every worker collects the same tests: the first to get here writes the groups.
     path = Path(os.environ[GROUPS_FILE])
     if not path.stat().st_size:
         part = path.with_name(f"{path.name}.{config.workerinput['workerid']}")
-        part.write_text(json.dumps({item.nodeid: _group(item) for item in items}))
+        part.write_text(json.dumps({item.nodeid: group[item.nodeid] for item in items}))
         part.replace(path)
 
 
