@@ -182,8 +182,10 @@ def sampling_params(spec: SamplingSpec, *, structured: dict[str, Any] | None = N
     )
 
 
-def request_sampling_params(base: SamplingSpec, request_params: list[str | None], default):
-    """Per-row `SamplingParams`: a row's JSON overrides (OpenAI batch requests) over the job's sampling."""
+def request_sampling_params(base: SamplingSpec, request_params: list[str | None], default,
+                            make: Callable[..., Any] = sampling_params):
+    """Per-row `SamplingParams` (or what `make`, the engine's `sampling_params`, builds): a row's JSON overrides
+    (OpenAI batch requests) over the job's sampling."""
     out = []
     for raw in request_params:
         if raw is None:
@@ -191,7 +193,7 @@ def request_sampling_params(base: SamplingSpec, request_params: list[str | None]
             continue
         params = json.loads(raw)
         structured = params.pop("structured", None)
-        out.append(sampling_params(SamplingSpec.model_validate({**base.model_dump(), **params}), structured=structured))
+        out.append(make(SamplingSpec.model_validate({**base.model_dump(), **params}), structured=structured))
     return out
 
 
@@ -363,6 +365,9 @@ class Engine(Protocol):
 
     def shutdown(self) -> None: ...
 
+    def sampling_params(self, spec: SamplingSpec, *, structured: dict[str, Any] | None = None,
+                        logprobs: bool = False) -> Any: ...
+
     def generate(self, prompts: list[list[int]], params: list, images: list | None = None
                  ) -> tuple[dict[int, Any], dict[int, str]]: ...
 
@@ -399,6 +404,11 @@ class EngineClient:
     def idle_s(self) -> float:
         """Seconds the engine waited for work between batches."""
         return self.loop.idle_s
+
+    def sampling_params(self, spec: SamplingSpec, *, structured: dict[str, Any] | None = None,
+                        logprobs: bool = False) -> Any:
+        """vLLM `SamplingParams` for the spec (`sampling_params`)."""
+        return sampling_params(spec, structured=structured, logprobs=logprobs)
 
     def start(self) -> bool:
         """Start the engine unless it runs; whether this call started it."""

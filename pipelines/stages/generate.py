@@ -34,7 +34,6 @@ from pipelines.stages.engine import (
     lora_request_for,
     peak_memory_mb,
     request_sampling_params,
-    sampling_params,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class GenerateStage:
         self.engine = engine(self.profile, model_path=model_path, tokenizer_path=tokenizer_path, extra=extra,
                              lora_request=lora_request, on_ready=ready)
         self.sampling = SamplingSpec.model_validate(sampling)
-        self.params = sampling_params(self.sampling, structured=structured, logprobs=logprobs)
+        self.params = self.engine.sampling_params(self.sampling, structured=structured, logprobs=logprobs)
         self.logprobs = logprobs
         if self.cache is None:
             self.engine.start()
@@ -191,7 +190,8 @@ class GenerateStage:
                           if "request_params" in batch.column_names else None)
             params = [self.params] * len(todo)
             if raw_params is not None:
-                params = request_sampling_params(self.sampling, raw_params, self.params)
+                params = request_sampling_params(self.sampling, raw_params, self.params,
+                                                 make=self.engine.sampling_params)
             send: list[int] = list(range(len(todo)))
             copies: dict[int, int] = {}
             waits: dict[int, Future] = {}

@@ -15,10 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 from pipelines.config.engine import EngineProfile
+from pipelines.config.job import SamplingSpec
 
 REFUSE = "STAND_IN_REFUSE"  # in a prompt's text: the stand-in refuses that request, as vLLM refuses a bad one
 
@@ -41,20 +44,49 @@ def _value(node: dict[str, Any]) -> Any:
     return {"integer": 1, "number": 1.5, "boolean": True}.get(str(kind), "x")
 
 
+@dataclass(frozen=True)
+class StandInStructured:
+    """What the stand-in reads of a constraint (vLLM's `StructuredOutputsParams` names)."""
+
+    choice: list[str] | None = None
+    json: dict[str, Any] | str | None = None
+
+
+@dataclass(frozen=True)
+class StandInParams:
+    """The stand-in's sampling parameters: what it reads of vLLM's `SamplingParams`, without importing vLLM."""
+
+    max_tokens: int | None
+    structured_outputs: StandInStructured | None = None
+
+
 class StandInEngine:
-    """The `Engine` interface of `pipelines.stages.engine.EngineClient`, with answers computed, not generated."""
+    """The `Engine` interface of `pipelines.stages.engine.EngineClient`, with answers computed, not generated.
+
+    It starts in well under a second: a replica is billed from its creation, so a slow start would be billed
+    work that the driver logic under test never does. It reads the tokenizer with `tokenizers` (the fast
+    tokenizer transformers wraps, the same ids) and does not import vLLM or torch.
+    """
 
     dtype = "stand-in"
     idle_s = 0.0
 
     def __init__(self, profile: EngineProfile, *, model_path: str, tokenizer_path: str, extra: dict[str, Any],
                  lora_request: Any, on_ready: Callable[..., None] | None) -> None:
-        from transformers import AutoTokenizer
-
         self.profile = profile
-        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._tokenizer = _load_tokenizer(tokenizer_path)
         self._on_ready = on_ready
         self._started = False
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def sampling_params(self, spec: SamplingSpec, *, structured: dict[str, Any] | None = None,
+                        logprobs: bool = False) -> StandInParams:
+        constraint = None
+        if structured:
+            constraint = StandInStructured(choice=structured.get("choice"), json=structured.get("json"))
+        return StandInParams(max_tokens=spec.max_tokens, structured_outputs=constraint)
 
     def start(self) -> bool:
         if self._started:
@@ -74,7 +106,7 @@ class StandInEngine:
         done: dict[int, Any] = {}
         failed: dict[int, str] = {}
         for i, (ids, p) in enumerate(zip(prompts, params)):
-            if REFUSE in self._tokenizer.decode(ids):
+            if REFUSE in self._tokenizer.decode(ids, skip_special_tokens=False):
                 failed[i] = f"ValueError: the stand-in engine refuses prompts that hold {REFUSE}"
                 continue
             done[i] = self._answer(ids, p)
@@ -89,12 +121,22 @@ class StandInEngine:
             text = json.dumps(_value(schema))
         else:
             text = f"stand-in answer {_digest(ids) % 1000}"
-        tokens = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens = self.encode(text)
         limit = getattr(params, "max_tokens", None) or len(tokens)
         finish = "length" if len(tokens) > limit else "stop"
         tokens = tokens[:limit]
-        text = self._tokenizer.decode(tokens) if finish == "length" else text
+        text = self._tokenizer.decode(tokens, skip_special_tokens=False) if finish == "length" else text
         return SimpleNamespace(
             prompt_token_ids=ids, num_cached_tokens=0,
             outputs=[SimpleNamespace(text=text, finish_reason=finish, token_ids=tokens,
                                      cumulative_logprob=-0.1 * len(tokens))])
+
+
+def _load_tokenizer(path: str) -> Any:
+    """The prepared model's `tokenizer.json`, through `tokenizers`: transformers' fast tokenizers are this file."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"the stand-in engine reads {file}, which is not there")
+    return Tokenizer.from_file(str(file))

@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 def test_answers_are_a_function_of_the_prompt_and_honour_the_constraint(model_path):
     from pipelines.config.job import SamplingSpec
     from pipelines.models import resolve_engine_paths
-    from pipelines.stages.engine import sampling_params
     from pipelines.stages.standin import StandInEngine
 
     profile = load_job(REPO / "conf/jobs/ticket_triage.yaml", overrides=["engine=stand-in"]).engine
@@ -32,6 +31,7 @@ def test_answers_are_a_function_of_the_prompt_and_honour_the_constraint(model_pa
     ready = []
     engine = StandInEngine(profile, model_path="", tokenizer_path=tokenizer, extra={}, lora_request=None,
                            on_ready=lambda s, dtype: ready.append((s, dtype)))
+    sampling_params = engine.sampling_params
     free = sampling_params(SamplingSpec(max_tokens=3))
     labels = sampling_params(SamplingSpec(max_tokens=8), structured={"choice": ["billing", "technical"]})
     schema = {"type": "object", "properties": {"total": {"type": "number"}, "day": {"type": "string", "format": "date"}},
@@ -43,7 +43,7 @@ def test_answers_are_a_function_of_the_prompt_and_honour_the_constraint(model_pa
     assert len(done[0].outputs[0].token_ids) == 3 and done[0].outputs[0].finish_reason == "length"
     assert done[2].outputs[0].text in ("billing", "technical")
     assert json.loads(done[3].outputs[0].text) == {"total": 1.5, "day": "2026-01-01"}
-    refused_ids = engine._tokenizer(f"please {REFUSE} this", add_special_tokens=False)["input_ids"]
+    refused_ids = engine.encode(f"please {REFUSE} this")
     done, failed = engine.generate([[5], refused_ids], [free, free])
     assert set(done) == {0} and failed[1].startswith("ValueError: the stand-in engine refuses")
 
