@@ -8,8 +8,11 @@ the batches in flight finish. In `per_token` mode the reservation is the
 batch's most expensive outcome (every prompt token uncached, every row at its
 `max_tokens`), so spend never passes the cap. In `accelerator_time` mode spend
 is the replicas' time, which grows while they start and wait; a batch is
-reserved at the mean time of the batches settled so far, so the cap is passed
-by at most about one batch.
+reserved at the mean time of the batches settled so far, so once batches flow
+the cap is passed by at most about one batch. Nothing asks the keeper before
+the first batch: a cap the replicas pass while they start or wait for their
+first input is seen when that batch asks, and `spent_before_first_batch_usd`
+says how much that was.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class BudgetKeeper:
         self.batch_usd: list[float] = []
         self.sent_rows = 0  # rows of settled batches: the driver waits to see them written before it stops
         self.refused = 0
+        self.before_first_usd: float | None = None  # spend when the first batch asked to go
         self.stopped: str | None = None  # which cap stopped the run
         self.tags = tags or {}
         self._export()
@@ -51,6 +55,8 @@ class BudgetKeeper:
 
     def reserve(self, key: str, usd: float, tokens: int) -> bool:
         """Whether the batch `key` may go to the engine; `usd` and `tokens` are its worst case (per_token)."""
+        if self.before_first_usd is None:
+            self.before_first_usd = self.spent_usd()
         if self.stopped:
             self.refused += 1
             return False
@@ -84,7 +90,8 @@ class BudgetKeeper:
                 "sent_rows": self.sent_rows, "settled_usd": self.settled_usd, "settled_tokens": self.settled_tokens,
                 "batches": len(self.batch_s), "spent_usd": self.spent_usd(),
                 "spent_output_tokens": self.prior_tokens + self.settled_tokens,
-                "largest_batch_usd": max(self.batch_usd, default=0.0)}
+                "largest_batch_usd": max(self.batch_usd, default=0.0),
+                "spent_before_first_batch_usd": self.before_first_usd}
 
     def _export(self) -> None:
         set_budget(self.spent_usd(), self.max_usd, self.prior_tokens + self.settled_tokens, self.max_tokens,

@@ -258,6 +258,8 @@ def render_html(summary: RunSummary, results: pl.LazyFrame | None) -> str:
             ("cap", f"{_usd(b.max_usd) if b.max_usd is not None else '–'}, "
                     f"{_num(b.max_output_tokens)} output tokens"),
             ("spent", f"{_usd(b.spent_usd)}, {_num(b.spent_output_tokens)} output tokens"),
+            ("spent before the first batch", _usd(b.spent_before_first_batch_usd)
+             if b.spent_before_first_batch_usd is not None else "–"),
             ("batches sent / refused", f"{_num(b.batches)} / {_num(b.batches_refused)}"),
             ("past the cap", f"{_usd(b.overshoot_usd)} ({_num(b.overshoot_batches)} batches)"),
             ("stopped", "yes: a higher cap resumes it" if summary.stopped else "no")]))

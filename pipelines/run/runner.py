@@ -178,7 +178,9 @@ def budget_figures(job: Job, state: dict, ledger: list[dict]) -> BudgetFigures:
                          spent_usd=round(spent, 9), spent_output_tokens=state["spent_output_tokens"],
                          batches=state["batches"], batches_refused=state["refused"],
                          largest_batch_usd=round(largest, 9), overshoot_usd=round(over, 9),
-                         overshoot_batches=round(over / largest, 3) if largest else 0.0)
+                         overshoot_batches=round(over / largest, 3) if largest else 0.0,
+                         spent_before_first_batch_usd=None if state.get("spent_before_first_batch_usd") is None
+                         else round(state["spent_before_first_batch_usd"], 9))
 
 
 def _stopped_summary(job: Job, run_id: str, out_fs, run_root: str, storage: StorageOptions, *, adapter, wall: float,

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 # The summary's own version: a reader refuses a newer one rather than misread it.
-SUMMARY_SCHEMA_VERSION = 4  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`, `plan_check`; 4: `plan_warning`
+SUMMARY_SCHEMA_VERSION = 5  # 2: `attempt`; 3: `fill_rates`, `drift`, `replay_of`, `stopped`, `budget`, `plan_check`; 4: `plan_warning`;
+# 5: `budget.spent_before_first_batch_usd`
 
 
 class QuarantinedShard(BaseModel):
@@ -122,6 +123,9 @@ class BudgetFigures(BaseModel):
     largest_batch_usd: float
     overshoot_usd: float  # spend past max_usd (0 when within it)
     overshoot_batches: float  # that, in batches of the largest batch's cost
+    # Spend (earlier attempts' included) when this attempt's first batch asked to go: in accelerator time, what
+    # the replicas cost while they started and waited for input. None when no batch asked.
+    spent_before_first_batch_usd: float | None = None
 
 
 class ReplayOf(BaseModel):

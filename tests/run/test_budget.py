@@ -46,6 +46,14 @@ def test_in_accelerator_time_spend_is_replica_time_and_a_batch_costs_what_batche
     assert keeper.state()["largest_batch_usd"] == 3.0
     assert keeper.reserve("b", 0.0, 0) and keeper.reserve("c", 0.0, 0)  # ~4 s + 3 + 3 in flight: within
     assert not keeper.reserve("d", 0.0, 0) and keeper.stopped == "max_usd"  # one more would pass 10.5
+    # What the replica cost before its first batch asked to go: its four seconds of start and wait.
+    assert keeper.state()["spent_before_first_batch_usd"] == pytest.approx(4.0, abs=0.5)
+
+    # A cap passed before any batch asked (the replicas started and waited for input): the first is refused.
+    late = BudgetKeeper(max_usd=2.0, max_output_tokens=None, mode="accelerator_time", usd_per_replica_s=1.0)
+    late.replica_started("r1", time.time() - 5.0)
+    assert not late.reserve("a", 0.0, 0) and late.stopped == "max_usd"
+    assert late.state()["batches"] == 0 and late.state()["spent_before_first_batch_usd"] == pytest.approx(5.0, abs=0.5)
 
 
 def _tickets(tmp_path: Path, shards: int = 3, per_shard: int = 16) -> list[str]:
@@ -98,27 +106,38 @@ def test_the_budget_stops_a_run_on_vllm_and_a_higher_cap_resumes_it(ray_cluster,
 
 def test_in_accelerator_time_the_dollar_cap_stops_the_run_within_about_a_batch(ray_cluster, model_path, tmp_path,
                                                                             capsys):
-    """On the stand-in engine (0.25 s a request, so a batch of 8 takes 2 s of replica time), billed as the
-    embedded profile's 2-vCPU machine: a cap of 12 s of replica time stops it part way, however fast the machine,
-    since the 96 records alone take 24 s."""
-    ids = _tickets(tmp_path, shards=6)
+    """On the stand-in engine (0.5 s a request, so a batch of 8 takes 4 s), billed as the embedded profile's
+    2-vCPU machine: a cap of 32 s of replica time stops it part way, since the 192 records take 96 s of batch
+    time (about 50 s of the replica's, which runs two batches at once).
+
+    The replica is billed from its creation, and nothing asks the keeper before the first batch. Unloaded, its
+    first batch asked to go about 3 s after it was made; on a loaded 2-core machine, 24-36 s. The cap leaves room for
+    that, and where even that was passed before the first batch, the stop must come at that batch."""
+    ids = _tickets(tmp_path, shards=12)
     sets = ["--set", f"input.path={tmp_path / 'in'}", "--set", f"output.path={tmp_path / 'out'}",
             "--set", "sampling.max_tokens=4", "--set", "batch_size=8", "--set", "cost.mode=accelerator_time",
-            "--engine-set", "backend=stand-in", "--engine-set", "stand_in_s_per_request=0.25",
+            "--engine-set", "backend=stand-in", "--engine-set", "stand_in_s_per_request=0.5",
             "--run-id", "dollars", "--no-progress"]
     job = load_job(JOB, overrides=["cost.mode=accelerator_time"])
     per_s = job.usd_per_replica_s()
-    cap = round(per_s * 12, 9)
+    cap = round(per_s * 32, 9)
     assert main(["run", str(JOB), *sets, "--set", f"budget.max_usd={cap}"]) == 9
     summary = json.loads((tmp_path / "out/dollars/summary.json").read_text())
     budget = summary["budget"]
+    before = budget["spent_before_first_batch_usd"]
     with capsys.disabled():
         print(f"\nbudget (accelerator time, ${cap}): spent ${budget['spent_usd']:.9f} "
-              f"({budget['spent_usd'] / per_s:.1f} replica-s) in {budget['batches']} batches, overshoot "
-              f"${budget['overshoot_usd']:.9f} = {budget['overshoot_batches']} batches of "
-              f"${budget['largest_batch_usd']:.9f}; {summary['records_out']} of {len(ids)} records committed")
+              f"({budget['spent_usd'] / per_s:.1f} replica-s, {before / per_s:.1f} of them before the first "
+              f"batch) in {budget['batches']} batches, overshoot ${budget['overshoot_usd']:.9f} = "
+              f"{budget['overshoot_batches']} batches of ${budget['largest_batch_usd']:.9f}; "
+              f"{summary['records_out']} of {len(ids)} records committed")
     assert summary["stopped"] == "budget" and not (tmp_path / "out/dollars/_SUCCESS").exists()
-    assert 0 < budget["batches"] and summary["records_out"] < len(ids)
-    # Past the cap by at most about a batch: the batches in flight, and the moment the driver takes to let the
-    # replicas go (it looks twice a second).
-    assert budget["overshoot_usd"] <= budget["largest_batch_usd"] + per_s * 2.0
+    assert summary["records_out"] < len(ids) and 0 < before <= budget["spent_usd"]
+    if before < cap:  # the first batch went, and the cap stopped the ones after it
+        assert 0 < budget["batches"]
+        # Past the cap by at most about a batch: the batches in flight, and the moment the driver takes to let
+        # the replicas go (it looks twice a second).
+        assert budget["overshoot_usd"] <= budget["largest_batch_usd"] + per_s * 2.0
+    else:  # spent while waiting for input: refused at the first batch, and nothing went to the engine
+        assert budget["batches"] == 0 and budget["batches_refused"] > 0 and summary["records_out"] == 0
+        assert budget["overshoot_usd"] <= before - cap + per_s * 2.0
