@@ -63,6 +63,11 @@ def dead_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)}
 
 
+def is_local(path: str) -> bool:
+    """Whether `path` is on this machine's disk (or in its memory), where other nodes cannot reach it."""
+    return protocol_of(path) in ("file", "local", "memory")
+
+
 def check_reachable(paths: dict[str, str | None]) -> None:
     """Refuse local paths when the cluster this driver joins has more than one node.
 
@@ -78,7 +83,7 @@ def check_reachable(paths: dict[str, str | None]) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
-    local = {key: path for key, path in paths.items() if path and protocol_of(path) in ("file", "local", "memory")}
+    local = {key: path for key, path in paths.items() if path and is_local(path)}
     if local:
         key, path = next(iter(local.items()))
         raise ConfigError(f"{key}: {path} is a local path, but the Ray cluster at {os.environ.get('RAY_ADDRESS')} "

@@ -146,7 +146,9 @@ class Lease:
                     f"{other.token}, renewed {_ago(other.renewed_at)}, expires in "
                     f"{max(0.0, other.expires_at - time.time()):.0f} s){waited}; one attempt at a time: wait for it "
                     "(run --wait SECONDS), stop it, or let its lease expire if it is gone")
-            time.sleep(max(0.2, min(self.ttl_s / 3, 5.0, deadline - time.monotonic())))
+            # Look again every few seconds (the holder may release it), and just after it expires.
+            time.sleep(max(0.2, min(self.ttl_s / 3, 5.0, other.expires_at - time.time() + 0.2,
+                                    deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._heartbeat, name="tokenmill-lease", daemon=True)
         self._thread.start()
         return self

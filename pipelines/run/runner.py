@@ -22,7 +22,7 @@ from pipelines.io.storage import filesystem_for, join, read_json, write_json_ato
 from pipelines.models import resolve_engine_paths
 from pipelines.models.adapters import Adapter, check_adapter
 from pipelines.names import run_id_problem
-from pipelines.run.cluster import check_reachable, dead_nodes, ensure_ray
+from pipelines.run.cluster import check_answers, check_reachable, dead_nodes, ensure_ray, is_local
 from pipelines.run.commit import (
     RUN_FILE,
     SUCCESS,
@@ -230,17 +230,26 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     storage, adapter, checked = preflight(job)
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
-    if os.environ.get("RAY_ADDRESS"):  # joining a running cluster, as under `ray job submit`: check it first
-        ensure_ray()
-        check_reachable({"output.path": spec.output.path, "input.path": spec.input.path,
-                         "cache.path": spec.cache.path if spec.cache else None,
-                         "lora.path": spec.lora.path if spec.lora else None})
+    # Joining a running cluster, as under `ray job submit`: one that does not answer, or a local path the other
+    # nodes cannot reach, is refused before anything is written. Otherwise the lease comes first: a retry that
+    # finds the run busy is refused (or waits) without joining the cluster.
+    address = os.environ.get("RAY_ADDRESS")
+    paths = {"output.path": spec.output.path, "input.path": spec.input.path,
+             "cache.path": spec.cache.path if spec.cache else None, "lora.path": spec.lora.path if spec.lora else None}
+    if address:
+        check_answers(address)
+        if any(path and is_local(path) for path in paths.values()):
+            ensure_ray()
+            check_reachable(paths)
     finished = _open_run(job, out_fs, run_root, run_id, fingerprint, resume)
     if finished is not None:
         return finished.model_copy(update={"resumed": True, "shards_redone": 0})
     attempt = uuid.uuid4().hex[:8]
     lease = Lease(out_fs, run_root, attempt=attempt, ttl_s=spec.lease.ttl_s).acquire(wait_s=spec.lease.wait_s)
     try:
+        if address:
+            ensure_ray()
+            check_reachable(paths)
         finished = read_summary(out_fs, run_root) if out_fs.exists(join(run_root, SUCCESS)) else None
         if finished is not None:  # the attempt this one waited for finished the run
             return finished.model_copy(update={"resumed": True, "shards_redone": 0})

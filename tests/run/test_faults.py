@@ -281,8 +281,9 @@ def test_circuit_breaker_stops_the_run_and_resume_finishes_it(ray_cluster, s3_en
 @pytest.mark.cluster
 def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_nodes, s3_env, model_path, tmp_path):
     """Attempt A has written results it has not committed. A second attempt is refused, naming A. A then
-    stalls (SIGSTOP) past its lease; a third attempt takes the lease over, cleans A's debris and finishes; A, woken,
-    finds its lease gone and commits nothing. Every listed file exists and every id is there exactly once.
+    stalls (SIGSTOP) past its lease; a third attempt, started beside the second and asked to wait, takes the lease
+    over once it expires, cleans A's debris and finishes; A, woken, finds its lease gone and commits nothing.
+    Every listed file exists and every id is there exactly once.
 
     On the multi-node cluster and the stand-in engine (what races is the drivers' lease and commits); the same
     refusal on vLLM is part of the node-loss night (tests/run/test_cluster.py)."""
@@ -305,12 +306,11 @@ def test_two_attempts_on_one_run_one_refused_one_taken_over(ray_nodes, s3_env, m
     a.send_signal(signal.SIGSTOP)
     try:
         refused = driver(args, tmp_path / "b.log", nodes=ray_nodes)
+        taker = driver([*args, "--set", "lease.wait_s=120"], tmp_path / "c.log", nodes=ray_nodes)
         assert refused.wait(timeout=120) == 7, refused.log.read_text()[-2000:]
         said = refused.log.read_text()
         assert "being run by " in said and f"pid {a.pid}" in said and "lease token 1" in said, said[-2000:]
-        while lease()["expires_at"] > time.time():
-            time.sleep(0.5)
-        taker = driver(args, tmp_path / "c.log", nodes=ray_nodes)
+        assert lease()["token"] == 1 and taker.poll() is None  # the taker waits: A's lease is still live
         wait_for(lambda: lease()["token"] == 2, taker)
     finally:
         a.send_signal(signal.SIGCONT)
