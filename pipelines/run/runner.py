@@ -53,7 +53,7 @@ from pipelines.run.summary import (
     scan_results,
     summarize,
 )
-from pipelines.stages.engine import vllm_engine_args
+from pipelines.stages.engine import check_engine_args
 from pipelines.stages.processor import build_dataset, rejects_schema
 from pipelines.stages.read import InputPlan, duplicate_pass_on_cluster, find_duplicates, plan_input
 
@@ -70,7 +70,7 @@ def preflight(job: Job) -> tuple[StorageOptions, Adapter | None, InputPlan | lis
     """
     storage = job.spec.storage.resolved()
     if job.engine.backend == "vllm":
-        vllm_engine_args(job.engine, f"engine profile {job.engine.name}")
+        check_engine_args(job.engine, f"engine profile {job.engine.name}")
     adapter = check_adapter(job.spec.lora, storage) if job.spec.lora else None
     if job.spec.input.format == "openai_batch":
         return storage, adapter, request_files(job.spec.input.path, storage)[1]

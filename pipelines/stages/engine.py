@@ -4,6 +4,7 @@ vLLM; its private names go through `pipelines.compat`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -60,6 +61,37 @@ def vllm_engine_args(profile: EngineProfile, source: str):
         else:
             argv += [flag, str(value)]
     return EngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def check_engine_args(profile: EngineProfile, source: str) -> None:
+    """`vllm_engine_args`, remembered: arguments this vLLM accepted once are not parsed again on this machine.
+
+    Parsing needs vLLM imported (about 4 s, torch with it), which a driver
+    otherwise does without until its replicas start: a scheduler's retry that
+    finds the run busy is refused in a second rather than after the import. The
+    key is the installed vLLM's version file and the arguments; only a pass is
+    remembered, so a refusal is always vLLM's own, at once.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")  # finds the package without importing it
+    version = Path(spec.submodule_search_locations[0]) / "_version.py" if spec and spec.submodule_search_locations \
+        else None
+    if version is None or not version.is_file():
+        vllm_engine_args(profile, source)
+        return
+    key = hashlib.sha256(json.dumps({"vllm": version.read_text(), "model": profile.model,
+                                     "args": profile.engine_args.to_vllm_kwargs()}, sort_keys=True,
+                                    default=str).encode()).hexdigest()[:32]
+    mark = tokenmill_home() / "checked" / f"vllm-engine-args-{key}"
+    if mark.exists():
+        return
+    vllm_engine_args(profile, source)
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    except OSError:  # a read-only home: parse again next time
+        pass
 
 
 def actor_env(profile: EngineProfile, *, with_profile_env: bool = True) -> dict[str, str]:

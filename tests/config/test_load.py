@@ -297,3 +297,30 @@ def test_the_run_snapshot_keeps_profile_env_and_storage_extra_by_name_only():
     # The masked key is not taken back as a key (it would be sent to the store as one): the environment's serves.
     assert rebuilt.spec.storage.secret_access_key is None
     assert rebuilt.spec.name == job.spec.name and rebuilt.engine.name == job.engine.name
+
+
+def test_engine_args_vllm_accepted_are_not_parsed_again_and_changed_ones_are(tmp_path, monkeypatch):
+    from pipelines.stages import engine
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    profile = load_engine("cpu-smollm2", CONF)
+    engine.check_engine_args(profile, "cpu-smollm2")  # parsed by vLLM, and the pass remembered
+    assert len(list((tmp_path / "checked").iterdir())) == 1
+
+    parsed = []
+    monkeypatch.setattr(engine, "vllm_engine_args", lambda p, source: parsed.append(source))
+    engine.check_engine_args(profile, "cpu-smollm2")
+    assert parsed == []
+    changed = profile.model_copy(update={"engine_args": profile.engine_args.model_copy(update={"max_num_seqs": 7})})
+    engine.check_engine_args(changed, "changed")
+    assert parsed == ["changed"]
+
+    # A refusal is not remembered: vLLM is asked each time.
+    monkeypatch.undo()
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "again"))
+    bad = profile.model_copy(update={"engine_args": profile.engine_args.model_copy(
+        update={"extra_args": {"max_num_seqz": 3}})})
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"unknown vLLM engine argument 'max_num_seqz'"):
+            engine.check_engine_args(bad, "bad")
+    assert not (tmp_path / "again/checked").exists()
