@@ -313,13 +313,19 @@ class RayNodes:
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive_nodes(self) -> list[dict]:
-        """The cluster's live nodes as the GCS sees them (`ray list nodes`, from outside any driver)."""
-        out = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", "nodes", "--format=json",
-                              f"--address={self.address}", "--limit=100"], env=self.env, capture_output=True,
-                             text=True, timeout=60)
+        """The cluster's live nodes as the GCS sees them: the state API `ray list nodes` asks, from outside any
+        driver (asked over HTTP here, not through the CLI, which takes seconds to start)."""
+        import urllib.error
+        import urllib.request
+
+        from pipelines.run.submit import auth_headers
+
+        request = urllib.request.Request(f"{self.address}/api/v0/nodes?limit=100&detail=false",
+                                         headers=auth_headers())
         try:
-            nodes = json.loads(out.stdout[out.stdout.find("["):])
-        except ValueError:  # the state API is not up yet
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                nodes = json.loads(answer.read())["data"]["result"]["result"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError):  # the state API is not up yet
             return []
         return [n for n in nodes if n.get("state") == "ALIVE"]
 
