@@ -168,6 +168,10 @@ def test_a_night_on_two_nodes_survives_losing_one_and_runs_once(ray_nodes, s3_en
         print(f"\nnode loss: {len(ids)} rows in, {results.height} out, {attempt['rows_redone']} generated twice, "
               f"{attempt['replicas_started']} replicas started, wall {summary['wall_s']:.1f} s")
     assert attempt["nodes_lost"] == [victim] and attempt["replicas_started"] >= 3, attempt
+    # Each engine core ran in a process of its own (the profile's default): a replica's ledger keeps the
+    # engine's memory apart from its actor's.
+    worked = [e for e in replicas() if e.get("batches")]
+    assert worked and all(e["engine_peak_rss_mb"] > 1000 and e["actor_peak_rss_mb"] > 0 for e in worked), worked
     # The rework is the lost replica's batches in flight: Ray Data gives an actor at most 4 calls at once
     # (2 running, 2 queued; `max_tasks_in_flight_per_actor`), of batch_size rows each, plus those it had
     # finished whose outputs were still in the lost node's object store.

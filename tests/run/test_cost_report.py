@@ -101,10 +101,11 @@ def test_plan_run_in_accelerator_time_and_report(review_run, tmp_path, capsys):
     else:
         assert actual_s / 2 <= estimate["replica_s"] <= 2 * actual_s
 
-    # The engine core in a process of its own (the profile's default): the replica's ledger keeps its memory
-    # apart from the actor's.
+    # The engine inside the replica's actor (the shared run starts it so, being quicker to start): its memory is
+    # the actor's. An engine core in a process of its own (the profiles' default) is kept apart in the ledger:
+    # tests/run/test_cluster.py checks that on the node-loss night.
     [entry] = [json.loads(p.read_text()) for p in (run_dir / "_engines").glob("*.json")]
-    assert entry["engine_peak_rss_mb"] > 1000 and entry["actor_peak_rss_mb"] > 0
+    assert entry["engine_peak_rss_mb"] is None and entry["actor_peak_rss_mb"] > 1000
 
     # Accelerator time, attributed: the records add up to the bill.
     cost = summary["cost"]
