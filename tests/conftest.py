@@ -414,7 +414,7 @@ GROUPS_FILE = "TOKENMILL_TEST_GROUPS"
 
 def _group(item) -> str:
     names = getattr(item, "fixturenames", ())
-    if "ray_nodes" in names:
+    if "ray_nodes" in names or "_ray_nodes" in names:
         return GROUP_NODES
     if "review_run" in names:
         return GROUP_REVIEW
@@ -450,6 +450,16 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+def _after_the_loss(item) -> int:
+    """The cluster's tests in order: those that want it whole, the one that loses a node, then those that take
+    it as that left it (`_ray_nodes`, not restored). One of those last keeps the group's worker from being given
+    its next group while the long node-loss test runs: xdist hands a worker more work once it has fewer than two
+    tests to go, and that work would wait behind the node loss while the other worker idled."""
+    if item.get_closest_marker("loses_a_node"):
+        return 1
+    return 2 if "ray_nodes" not in getattr(item, "fixturenames", ()) else 0
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The multi-node cluster's tests run one after the other, the one that loses a node last (no test after it
     waits for the node to be started again).
@@ -465,7 +475,7 @@ def pytest_collection_modifyitems(session, config, items):
         if group[item.nodeid] == GROUP_REVIEW:  # the shared review run starts a vLLM engine: not for `-m "not engine"`
             item.add_marker(pytest.mark.engine)
     on_nodes = [item for item in items if group[item.nodeid] == GROUP_NODES]
-    on_nodes.sort(key=lambda item: item.get_closest_marker("loses_a_node") is not None)
+    on_nodes.sort(key=_after_the_loss)
     rest = [item for item in items if group[item.nodeid] != GROUP_NODES]
     if not hasattr(config, "workerinput"):
         items[:] = rest + on_nodes
@@ -622,3 +632,19 @@ def token_batch(ids):
                      "prompt_tokens": pa.array([len(i) for i in ids], pa.int64()),
                      "error_code": pa.array([None] * len(ids), pa.string()),
                      "error": pa.array([None] * len(ids), pa.string())})
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With `TOKENMILL_TEST_TIMELINE=FILE`, each test's worker, start and end (setup to teardown) as a JSON line:
+    which worker ran what when, to see where the suite's two workers wait."""
+    path = os.environ.get("TOKENMILL_TEST_TIMELINE")
+    start = time.time()
+    try:
+        return (yield)
+    finally:
+        if path:
+            line = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid, "start": start,
+                    "end": time.time()}
+            with open(path, "a") as out:
+                out.write(json.dumps(line) + "\n")

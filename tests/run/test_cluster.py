@@ -65,14 +65,18 @@ def _objects(client, prefix: str) -> dict[str, bytes]:
 
 
 @pytest.mark.cluster
-def test_a_local_output_path_is_refused_on_a_multi_node_cluster(ray_nodes, tmp_path):
+def test_a_local_output_path_is_refused_on_a_multi_node_cluster(_ray_nodes, tmp_path):
+    """On the cluster as the node-loss night left it (it runs after that test): a head and one worker node are
+    still more than one disk."""
+    nodes = len(_ray_nodes.alive_nodes())
+    assert nodes >= 2
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(REPO / "conf/jobs/ticket_triage.yaml"),
-                           "--set", f"output.path={out}", "--no-progress"], env=ray_nodes.driver_env,
+                           "--set", f"output.path={out}", "--no-progress"], env=_ray_nodes.driver_env,
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"output.path: {out} is a local path, but the Ray cluster" in done.stderr
-    assert "has 3 nodes" in done.stderr and "s3://" in done.stderr
+    assert f"has {nodes} nodes" in done.stderr and "s3://" in done.stderr
     assert not out.exists()  # refused before anything was written
 
 
