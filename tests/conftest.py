@@ -446,6 +446,14 @@ def pytest_xdist_make_scheduler(config, log):
                 self.groups = json.loads(Path(os.environ[GROUPS_FILE]).read_text() or "{}")
             return self.groups.get(nodeid, nodeid)
 
+        def _reschedule(self, node) -> None:
+            # xdist's own gives a worker its next group once it has two tests or fewer to go, and that group
+            # waits behind both. A worker needs one test in hand besides the one it runs (pytest's `nextitem`):
+            # give it the next group only when it is down to its last.
+            if not node.shutting_down and self.workqueue and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
+
     config.option.loadscopereorder = False
     return GroupScheduling(config, log)
 
@@ -453,8 +461,8 @@ def pytest_xdist_make_scheduler(config, log):
 def _after_the_loss(item) -> int:
     """The cluster's tests in order: those that want it whole, the one that loses a node, then those that take
     it as that left it (`_ray_nodes`, not restored). One of those last keeps the group's worker from being given
-    its next group while the long node-loss test runs: xdist hands a worker more work once it has fewer than two
-    tests to go, and that work would wait behind the node loss while the other worker idled."""
+    its next group while the long node-loss test runs: a worker is handed more work once it is down to its last
+    test (`GroupScheduling`), and that work would wait behind the node loss while the other worker idled."""
     if item.get_closest_marker("loses_a_node"):
         return 1
     return 2 if "ray_nodes" not in getattr(item, "fixturenames", ()) else 0
