@@ -414,7 +414,7 @@ GROUPS_FILE = "TOKENMILL_TEST_GROUPS"
 
 def _group(item) -> str:
     names = getattr(item, "fixturenames", ())
-    if "ray_nodes" in names or "_ray_nodes" in names:
+    if "_ray_nodes" in names:  # (`ray_nodes` asks for it too)
         return GROUP_NODES
     if "review_run" in names:
         return GROUP_REVIEW

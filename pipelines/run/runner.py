@@ -173,14 +173,13 @@ def budget_figures(job: Job, state: dict, ledger: list[dict]) -> BudgetFigures:
         spent = accelerator_bill(EngineStats.from_ledger(ledger), job.accelerator_billing()[0],
                                  job.engine.billed_units)["total_usd"]
     over = max(0.0, spent - spec.budget.max_usd) if spec.budget.max_usd is not None else 0.0
-    largest = state["largest_batch_usd"]
+    largest, before = state["largest_batch_usd"], state["spent_before_first_batch_usd"]
     return BudgetFigures(max_usd=spec.budget.max_usd, max_output_tokens=spec.budget.max_output_tokens,
                          spent_usd=round(spent, 9), spent_output_tokens=state["spent_output_tokens"],
                          batches=state["batches"], batches_refused=state["refused"],
                          largest_batch_usd=round(largest, 9), overshoot_usd=round(over, 9),
                          overshoot_batches=round(over / largest, 3) if largest else 0.0,
-                         spent_before_first_batch_usd=None if state.get("spent_before_first_batch_usd") is None
-                         else round(state["spent_before_first_batch_usd"], 9))
+                         spent_before_first_batch_usd=None if before is None else round(before, 9))
 
 
 def _stopped_summary(job: Job, run_id: str, out_fs, run_root: str, storage: StorageOptions, *, adapter, wall: float,
@@ -231,12 +230,12 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     out_fs, out_root = filesystem_for(spec.output.path, storage)
     run_root = join(out_root, run_id)
     # Joining a running cluster, as under `ray job submit`: one that does not answer, or a local path the other
-    # nodes cannot reach, is refused before anything is written. Otherwise the lease comes first: a retry that
-    # finds the run busy is refused (or waits) without joining the cluster.
-    address = os.environ.get("RAY_ADDRESS")
-    paths = {"output.path": spec.output.path, "input.path": spec.input.path,
-             "cache.path": spec.cache.path if spec.cache else None, "lora.path": spec.lora.path if spec.lora else None}
-    if address:
+    # nodes cannot reach, is refused before anything is written. Otherwise the cluster is joined when the attempt
+    # needs it, after the lease: a retry that finds the run busy is refused (or waits) without joining.
+    if address := os.environ.get("RAY_ADDRESS"):
+        paths = {"output.path": spec.output.path, "input.path": spec.input.path,
+                 "cache.path": spec.cache.path if spec.cache else None,
+                 "lora.path": spec.lora.path if spec.lora else None}
         check_answers(address)
         if any(path and is_local(path) for path in paths.values()):
             ensure_ray()
@@ -247,9 +246,6 @@ def run_job(job: Job, *, run_id: str | None = None, progress: bool = True, resum
     attempt = uuid.uuid4().hex[:8]
     lease = Lease(out_fs, run_root, attempt=attempt, ttl_s=spec.lease.ttl_s).acquire(wait_s=spec.lease.wait_s)
     try:
-        if address:
-            ensure_ray()
-            check_reachable(paths)
         finished = read_summary(out_fs, run_root) if out_fs.exists(join(run_root, SUCCESS)) else None
         if finished is not None:  # the attempt this one waited for finished the run
             return finished.model_copy(update={"resumed": True, "shards_redone": 0})
